@@ -1,0 +1,57 @@
+"""Dataset-independent containers: one table per split, and the error every loader raises."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+
+class DatasetLayoutError(ValueError):
+    """The files on disk do not have the layout the loader expects.  The message says which."""
+
+
+@dataclass
+class SplitTable:
+    """One split of a group-labelled image dataset.
+
+    Arrays have length ``n``: ``y`` class ids, ``a`` spurious-attribute ids, ``g`` group ids,
+    ``ids`` stable image ids; ``paths`` are absolute image paths.
+    """
+
+    paths: list[Path]
+    y: np.ndarray
+    a: np.ndarray
+    g: np.ndarray
+    ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass
+class GroupDataset:
+    """A dataset with classes ``y``, a spurious attribute ``a`` and groups ``g``."""
+
+    name: str
+    root: Path
+    class_names: list[str]
+    attr_names: list[str]
+    group_names: list[str]
+    splits: dict[str, SplitTable]
+    version: str  # hash of the metadata files: part of every feature-cache key
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.group_names)
+
+    def group_counts(self) -> dict[str, list[int]]:
+        """Per split, the number of images in each group (index = group id)."""
+        return {s: np.bincount(t.g, minlength=self.n_groups).tolist() for s, t in self.splits.items()}

@@ -1,0 +1,206 @@
+"""The built-in toy benchmark: procedurally drawn "birds" on "land" / "water" backgrounds.
+
+A miniature of Waterbirds that needs no download.  Every image is a deterministic function of
+``(seed, image id)``: a foreground glyph of one of two bird classes (a compact, long-legged
+*landbird* or a flat, long-necked *waterbird*) over one of two background families (land: forest,
+field; water: ocean, lake), with random pose, size, colour and texture.  The background covers
+most pixels and the bird a few percent, so a model that looks at the whole image is tempted to
+use the background: the spurious feature of the real dataset.
+
+:func:`make_toy_waterbirds` writes the images in *exactly* the Waterbirds layout (see
+:mod:`calib.data.waterbirds`) with Waterbirds' split proportions and 95% train correlation, so
+the real loader reads it.  The same renderer draws the separate image-caption corpus the toy CLIP
+is trained on (:mod:`calib.toyclip`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from calib.data.base import DatasetLayoutError
+from calib.utils import atomic_dir
+
+log = logging.getLogger(__name__)
+
+# Waterbirds group sizes per split (group g = 2*y + place): the toy keeps these proportions.
+WATERBIRDS_GROUP_SIZES: dict[str, tuple[int, int, int, int]] = {
+    "train": (3498, 184, 56, 1057),
+    "val": (467, 466, 133, 133),
+    "test": (2255, 2255, 642, 642),
+}
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+LAND_STYLES = ("forest", "field")
+WATER_STYLES = ("ocean", "lake")
+CLASS_FOLDERS = ("001.Toy_Landbird", "002.Toy_Waterbird")
+MARKER = "toy_benchmark.json"  # written last: its presence means the folder is complete
+
+# Bird colours shared by both classes, so colour alone never tells the class.
+_BIRD_COLOURS = np.array(
+    [[240, 240, 235], [30, 30, 35], [130, 130, 135], [140, 90, 50], [220, 190, 60], [190, 50, 40], [90, 60, 120]],
+    dtype=np.float32,
+)
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    """Settings of the toy benchmark; fixed before any method was run (never tuned on results)."""
+
+    seed: int = 0  # every image is a function of (seed, img_id)
+    scale: float = 1.0  # multiplies Waterbirds' group sizes (1.0 = 11,788 images)
+    image_size: int = 64  # square images, pixels
+
+    def group_sizes(self) -> dict[str, list[int]]:
+        """Images per group per split: Waterbirds' sizes times ``scale``, at least 2 per group."""
+        return {s: [max(2, int(round(n * self.scale))) for n in sizes] for s, sizes in WATERBIRDS_GROUP_SIZES.items()}
+
+
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    coords = (np.arange(size, dtype=np.float32) + 0.5) / size
+    return np.meshgrid(coords, coords)  # x, y in [0, 1]
+
+
+def _background(rng: np.random.Generator, place: int, size: int) -> tuple[np.ndarray, str]:
+    """An HxWx3 float image of a land (0) or water (1) scene and the style's name."""
+    x, y = _grid(size)
+    jitter = rng.uniform(-25, 25, size=3).astype(np.float32)
+    if place == 0:
+        style = LAND_STYLES[rng.integers(len(LAND_STYLES))]
+        if style == "forest":
+            base = np.array([40, 95, 40], np.float32) + jitter
+            img = np.broadcast_to(base, (size, size, 3)).copy()
+            for _ in range(rng.integers(3, 7)):  # tree trunks
+                cx, w = rng.uniform(0, 1), rng.uniform(0.02, 0.05)
+                img[np.abs(x - cx) < w] = np.array([90, 60, 35], np.float32) + rng.uniform(-15, 15, 3)
+            canopy = np.sin(x * rng.uniform(15, 30) + rng.uniform(0, 6)) * np.sin(y * rng.uniform(15, 30))
+            img[(canopy > 0.4) & (y < 0.5)] += np.array([-10, 40, -10], np.float32)
+        else:  # field: sky band over grass strokes
+            horizon = rng.uniform(0.25, 0.45)
+            sky = np.array([150, 190, 225], np.float32) + jitter * 0.5
+            grass = np.array([120, 160, 60], np.float32) + jitter
+            img = np.where((y < horizon)[..., None], sky, grass)
+            strokes = np.sin(x * rng.uniform(60, 90) + y * rng.uniform(5, 15)) > 0.6
+            img[strokes & (y >= horizon)] += np.array([-30, -20, -10], np.float32)
+    else:
+        style = WATER_STYLES[rng.integers(len(WATER_STYLES))]
+        if style == "ocean":
+            base = np.array([30, 80, 160], np.float32) + jitter
+            img = np.broadcast_to(base, (size, size, 3)).copy()
+            waves = np.sin(y * rng.uniform(25, 45) + np.sin(x * rng.uniform(4, 9)) * 2.0)
+            img[waves > 0.7] += np.array([50, 60, 60], np.float32)
+        else:  # lake: sky band, calm water with reflections
+            horizon = rng.uniform(0.2, 0.4)
+            sky = np.array([170, 200, 230], np.float32) + jitter * 0.5
+            water = np.array([50, 120, 150], np.float32) + jitter
+            img = np.where((y < horizon)[..., None], sky, water)
+            ripples = np.sin(y * rng.uniform(60, 90)) > 0.8
+            img[ripples & (y >= horizon)] += np.array([30, 30, 30], np.float32)
+    return img, style
+
+
+def _draw_bird(rng: np.random.Generator, img: np.ndarray, bird: int) -> None:
+    """Paint a landbird (0) or waterbird (1) glyph onto ``img`` in place."""
+    size = img.shape[0]
+    x, y = _grid(size)
+    s = rng.uniform(0.75, 1.25)
+    cx, cy = rng.uniform(0.3, 0.7), rng.uniform(0.45, 0.7)
+    facing = 1.0 if rng.random() < 0.5 else -1.0
+    colour = _BIRD_COLOURS[rng.integers(len(_BIRD_COLOURS))] + rng.uniform(-20, 20, 3).astype(np.float32)
+    accent = _BIRD_COLOURS[rng.integers(len(_BIRD_COLOURS))]
+    dx = (x - cx) * facing  # > 0 is the direction the bird faces
+
+    def ellipse(ex: float, ey: float, rx: float, ry: float) -> np.ndarray:
+        return ((dx - ex) / rx) ** 2 + ((y - cy - ey) / ry) ** 2 <= 1.0
+
+    def segment(x0: float, y0: float, x1: float, y1: float, w: float) -> np.ndarray:
+        px, py = dx - x0, y - cy - y0
+        vx, vy = x1 - x0, y1 - y0
+        t = np.clip((px * vx + py * vy) / (vx * vx + vy * vy), 0.0, 1.0)
+        return (px - t * vx) ** 2 + (py - t * vy) ** 2 <= w * w
+
+    if bird == 0:  # landbird: round body, head on top, short beak, two legs, upright tail
+        body = ellipse(0, 0, 0.12 * s, 0.095 * s)
+        head = ellipse(0.07 * s, -0.1 * s, 0.055 * s, 0.055 * s)
+        beak = segment(0.11 * s, -0.1 * s, 0.16 * s, -0.09 * s, 0.015 * s)
+        legs = segment(-0.03 * s, 0.08 * s, -0.04 * s, 0.17 * s, 0.01 * s) | segment(
+            0.03 * s, 0.08 * s, 0.04 * s, 0.17 * s, 0.01 * s
+        )
+        tail = segment(-0.1 * s, 0.0, -0.17 * s, -0.09 * s, 0.025 * s)
+        shape = body | head | tail
+        extra = beak | legs
+    else:  # waterbird: long flat body, long neck, small head, long beak, no legs
+        body = ellipse(0, 0, 0.17 * s, 0.06 * s)
+        neck = segment(0.12 * s, -0.02 * s, 0.15 * s, -0.2 * s, 0.02 * s)
+        head = ellipse(0.16 * s, -0.21 * s, 0.04 * s, 0.035 * s)
+        beak = segment(0.19 * s, -0.21 * s, 0.27 * s, -0.19 * s, 0.012 * s)
+        shape = body | neck | head
+        extra = beak
+    img[shape] = colour
+    if rng.random() < 0.5:  # texture: wing stripes in an accent colour
+        stripes = (np.sin((dx + y) * rng.uniform(60, 100)) > 0.5) & shape
+        img[stripes] = 0.6 * colour + 0.4 * accent
+    img[extra] = np.array([235, 150, 40], np.float32)
+
+
+def render_scene(rng: np.random.Generator, bird: int, place: int, size: int = 64) -> tuple[np.ndarray, str]:
+    """One toy image (``size x size x 3`` uint8) of ``bird`` (0 land, 1 water) on ``place`` (0 land, 1 water).
+
+    Returns the image and the background style name (``forest``, ``field``, ``ocean``, ``lake``).
+    """
+    img, style = _background(rng, place, size)
+    _draw_bird(rng, img, bird)
+    img += rng.normal(0, 8, img.shape).astype(np.float32)  # sensor noise
+    return np.clip(img, 0, 255).astype(np.uint8), style
+
+
+def _plan(cfg: ToyConfig) -> list[tuple[int, int, int]]:
+    """(split code, y, place) per image, shuffled deterministically; img_id = position + 1."""
+    rows = []
+    for split, sizes in cfg.group_sizes().items():
+        for g, n in enumerate(sizes):
+            rows += [(SPLIT_CODES[split], g // 2, g % 2)] * n
+    order = np.random.default_rng([cfg.seed, 7]).permutation(len(rows))
+    return [rows[i] for i in order]
+
+
+def make_toy_waterbirds(root: Path, cfg: ToyConfig = ToyConfig(), overwrite: bool = False) -> Path:
+    """Write the toy benchmark to ``root`` in the Waterbirds layout; reuse it if already complete.
+
+    The folder is built under a temporary name and renamed at the end, so an interrupted run
+    leaves nothing that looks valid.  Returns ``root``.
+    """
+    root = Path(root).resolve()
+    marker = root / MARKER
+    if root.exists() and not overwrite:
+        if marker.is_file():
+            stored = json.loads(marker.read_text())
+            if stored == asdict(cfg):
+                log.info("toy benchmark already at %s", root)
+                return root
+            raise DatasetLayoutError(
+                f"{root} holds a toy benchmark made with {stored}, not {asdict(cfg)}; "
+                "pass overwrite=True (CLI: --overwrite) or choose another --root"
+            )
+        if any(root.iterdir()):
+            raise DatasetLayoutError(f"{root} exists and is not a toy benchmark; refusing to write into it")
+    plan = _plan(cfg)
+    with atomic_dir(root) as tmp:
+        for folder in CLASS_FOLDERS:
+            (tmp / folder).mkdir()
+        lines = ["img_id,img_filename,y,split,place,place_filename"]
+        for idx, (split, y, place) in enumerate(tqdm(plan, desc="toy images", unit="img", mininterval=2)):
+            img_id = idx + 1
+            rng = np.random.default_rng([cfg.seed, img_id])
+            pixels, style = render_scene(rng, y, place, cfg.image_size)
+            rel = f"{CLASS_FOLDERS[y]}/{CLASS_FOLDERS[y][4:]}_{img_id:05d}.jpg"
+            Image.fromarray(pixels).save(tmp / rel, quality=95)
+            lines.append(f"{img_id},{rel},{y},{split},{place},/{style[0]}/{style}/toy_{img_id:05d}.jpg")
+        (tmp / "metadata.csv").write_text("\n".join(lines) + "\n")
+        (tmp / MARKER).write_text(json.dumps(asdict(cfg)))
+    log.info("wrote %d toy images to %s", len(plan), root)
+    return root

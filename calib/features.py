@@ -1,0 +1,228 @@
+"""Pre-projection feature extraction and the feature cache.
+
+For every image calib caches ``h`` (input of the image tower's final linear map, ``[n, d_h]``),
+``z = h @ W0 + b0`` (the CLIP image embedding, ``[n, d]``), and the labels ``y``, spurious
+attribute ``a``, group ``g`` and image id.  Every method then runs on cached arrays in seconds.
+
+Cache entries are keyed by a hash of (model name, weights fingerprint, preprocessing, dataset,
+dataset version, split, format version): a cache made for another model, preprocessing or
+dataset version is never picked up.  Each entry is written to a temporary file and renamed when
+complete, so an interrupted extraction never leaves a file that looks valid.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from calib import paths
+from calib.data import SPLITS, DatasetLayoutError, GroupDataset, SplitTable
+from calib.models import LoadedClip, encode_pre_projection, logit_scale, projection_params, text_prototypes
+from calib.prompts import imagenet_templates
+from calib.utils import atomic_write_bytes, stable_hash
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # bump when what is cached changes
+
+
+@dataclass
+class SplitFeatures:
+    """Cached features of one split (``n`` samples).
+
+    ``h [n, d_h]`` may be None when only final embeddings are known (bring-your-own npz).
+    """
+
+    z: np.ndarray  # [n, d] float32 image embeddings (unnormalised)
+    y: np.ndarray  # [n] int64 class
+    g: np.ndarray  # [n] int64 group
+    a: np.ndarray | None = None  # [n] int64 spurious attribute
+    ids: np.ndarray | None = None  # [n] int64 image ids
+    h: np.ndarray | None = None  # [n, d_h] float32 pre-projection features
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class FeatureSet:
+    """Everything a method sees: per-split features plus the frozen zero-shot head.
+
+    ``W0 [d_h, d]`` and ``b0 [d]`` are the pretrained final projection; ``text [C, d]`` the
+    normalised class prototypes; ``logit_scale`` the model's ``s``.
+    """
+
+    splits: dict[str, SplitFeatures]
+    text: np.ndarray
+    logit_scale: float
+    n_groups: int
+    class_names: list[str]
+    group_names: list[str]
+    W0: np.ndarray | None = None
+    b0: np.ndarray | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def train_group_counts(self) -> np.ndarray | None:
+        """Training-set group sizes ``[n_groups]`` (weights of ``avg_acc_trainw``), if a train split exists."""
+        tr = self.splits.get("train")
+        return None if tr is None else np.bincount(tr.g, minlength=self.n_groups)
+
+
+class ImageFiles(Dataset):
+    """Images of one split, preprocessed; item = (tensor [3, H, W], index)."""
+
+    def __init__(self, files: list[Path], preprocess):
+        self.files = files
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        path = self.files[i]
+        try:
+            with Image.open(path) as im:
+                im.load()
+                img = im.convert("RGB")
+        except FileNotFoundError as err:
+            raise DatasetLayoutError(f"image listed in the metadata is missing: {path}") from err
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            raise DatasetLayoutError(f"image cannot be decoded (corrupted or truncated): {path} ({err})") from err
+        return self.preprocess(img), i
+
+
+def cache_key(loaded: LoadedClip, dataset: GroupDataset, split: str) -> dict:
+    """The fields that identify a feature-cache entry."""
+    return {
+        "model": loaded.name,
+        "weights": loaded.fingerprint,
+        "preprocess": loaded.preprocess_id,
+        "dataset": dataset.name,
+        "dataset_version": dataset.version,
+        "split": split,
+        "n": len(dataset.splits[split]),
+        "format": FORMAT_VERSION,
+    }
+
+
+def cache_path(key: dict, cache_dir: Path | None = None) -> Path:
+    """``<cache>/features/<dataset>/<model>/<split>-<hash>.npz``."""
+    base = Path(cache_dir or paths.cache_dir()) / "features" / key["dataset"] / key["model"].replace("/", "_")
+    return base / f"{key['split']}-{stable_hash(key)}.npz"
+
+
+def _save(path: Path, key: dict, feats: SplitFeatures) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, h=feats.h, z=feats.z, y=feats.y, a=feats.a, g=feats.g, ids=feats.ids,
+             key=np.array(json.dumps(key, sort_keys=True)))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load(path: Path, key: dict) -> SplitFeatures:
+    with np.load(path, allow_pickle=False) as f:
+        stored = json.loads(str(f["key"]))
+        if stored != key:
+            raise RuntimeError(f"feature cache {path} was made for {stored}, not {key}; delete it")
+        return SplitFeatures(h=f["h"], z=f["z"], y=f["y"], a=f["a"], g=f["g"], ids=f["ids"])
+
+
+def default_num_workers() -> int:
+    """DataLoader workers: one per spare core, at most 8."""
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+@torch.no_grad()
+def extract_split(
+    loaded: LoadedClip,
+    table: SplitTable,
+    batch_size: int = 256,
+    num_workers: int | None = None,
+    amp: bool | None = None,
+    desc: str = "features",
+) -> SplitFeatures:
+    """Run the image tower over one split.  ``amp`` (default: on for CUDA) uses bf16 autocast."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(loaded.device)
+    amp = (device.type == "cuda") if amp is None else amp
+    workers = default_num_workers() if num_workers is None else num_workers
+    loader = DataLoader(ImageFiles(table.paths, loaded.preprocess), batch_size=batch_size, shuffle=False,
+                        num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False)
+    hs, zs = [], []
+    for x, _ in tqdm(loader, desc=desc, unit="batch", mininterval=2):
+        x = x.to(device, non_blocking=True)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            h, z = encode_pre_projection(loaded.model, x)
+        hs.append(h.float().cpu().numpy())
+        zs.append(z.float().cpu().numpy())
+    return SplitFeatures(h=np.concatenate(hs), z=np.concatenate(zs), y=table.y, a=table.a, g=table.g, ids=table.ids)
+
+
+def get_split_features(
+    loaded: LoadedClip,
+    dataset: GroupDataset,
+    split: str,
+    cache_dir: Path | None = None,
+    **extract_kwargs,
+) -> SplitFeatures:
+    """Cached features of one split, extracting (and caching) them on a miss."""
+    key = cache_key(loaded, dataset, split)
+    path = cache_path(key, cache_dir)
+    if path.is_file():
+        log.info("features %s/%s from cache %s", dataset.name, split, path.name)
+        return _load(path, key)
+    feats = extract_split(loaded, dataset.splits[split], desc=f"{dataset.name}/{split}", **extract_kwargs)
+    _save(path, key, feats)
+    log.info("cached %d %s/%s features at %s", len(feats), dataset.name, split, path)
+    return feats
+
+
+def get_text_prototypes(loaded: LoadedClip, class_names: list[str], templates: list[str] | None = None,
+                        cache_dir: Path | None = None) -> np.ndarray:
+    """Zero-shot class prototypes ``[C, d]`` (prompt ensemble), cached per weights and prompts."""
+    templates = templates or imagenet_templates()
+    key = {"weights": loaded.fingerprint, "model": loaded.name, "classes": class_names, "templates": templates}
+    path = Path(cache_dir or paths.cache_dir()) / "text" / f"{loaded.name}-{stable_hash(key)}.npy"
+    if path.is_file():
+        return np.load(path)
+    protos = text_prototypes(loaded, class_names, templates).numpy()
+    buf = io.BytesIO()
+    np.save(buf, protos)
+    atomic_write_bytes(path, buf.getvalue())
+    return protos
+
+
+def build_feature_set(
+    loaded: LoadedClip,
+    dataset: GroupDataset,
+    splits: tuple[str, ...] = SPLITS,
+    cache_dir: Path | None = None,
+    **extract_kwargs,
+) -> FeatureSet:
+    """All splits' features plus the zero-shot head of ``loaded`` for ``dataset``."""
+    W0, b0 = projection_params(loaded.model)
+    return FeatureSet(
+        splits={s: get_split_features(loaded, dataset, s, cache_dir, **extract_kwargs) for s in splits},
+        text=get_text_prototypes(loaded, dataset.class_names, cache_dir=cache_dir),
+        logit_scale=logit_scale(loaded.model),
+        n_groups=dataset.n_groups,
+        class_names=list(dataset.class_names),
+        group_names=list(dataset.group_names),
+        W0=W0.numpy(),
+        b0=b0.numpy(),
+        meta={"dataset": dataset.name, "model": loaded.name, "pretrained": loaded.pretrained,
+              "weights": loaded.fingerprint, "device": loaded.device},
+    )

@@ -1,0 +1,23 @@
+"""Methods behind one interface (:class:`~calib.methods.base.Method`) and one registry.
+
+Importing this package registers every method.  ``python -m calib list methods`` prints them.
+"""
+from __future__ import annotations
+
+from calib.methods import heads, projection  # noqa: F401  (registration side effect)
+from calib.methods.base import (
+    LABEL_LEGEND,
+    LABEL_MARKS,
+    REGISTRY,
+    Method,
+    MethodRun,
+    create,
+    describe_methods,
+    get_method_class,
+    make_options,
+    register,
+    run_method,
+)
+
+__all__ = ["LABEL_LEGEND", "LABEL_MARKS", "REGISTRY", "Method", "MethodRun", "create", "describe_methods",
+           "get_method_class", "make_options", "register", "run_method"]

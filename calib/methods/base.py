@@ -1,0 +1,149 @@
+"""One small interface and one registry for every method.
+
+A method is a class with
+
+- ``name``: its registry key;
+- ``Options``: a dataclass of typed, documented options whose defaults are the paper's settings;
+- ``label_needs``: which group labels it reads: ``"none"``, ``"val_groups"`` (validation group
+  labels, e.g. for model selection or DFR) or ``"train_groups"`` (an oracle);
+- ``uses``: which cached arrays it needs (``"z"`` final embeddings, ``"h"`` pre-projection
+  features, ``"train"`` the training split);
+- ``fit(data, seed)`` and ``logits(split) -> [n, C]``.
+
+:func:`run_method` fits a registered method and evaluates it on every split.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import numpy as np
+
+from calib.features import FeatureSet, SplitFeatures
+from calib.metrics import evaluate
+
+log = logging.getLogger(__name__)
+
+LABEL_NEEDS = ("none", "val_groups", "train_groups")
+LABEL_MARKS = {"none": "", "val_groups": "†", "train_groups": "‡"}
+LABEL_LEGEND = "† uses validation group labels; ‡ uses training group labels (oracle); unmarked: no group labels."
+
+REGISTRY: dict[str, type["Method"]] = {}
+
+
+@dataclass
+class NoOptions:
+    """This method has no options."""
+
+
+class Method:
+    """Base class: subclasses set ``name``, ``Options``, ``label_needs``, ``uses`` and implement fit/logits."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    label_needs: ClassVar[str] = "none"
+    uses: ClassVar[tuple[str, ...]] = ("z",)
+    summary: ClassVar[str] = ""
+
+    def __init__(self, options: Any = None):
+        self.options = options if options is not None else self.Options()
+        self.history: list[dict] = []  # per-epoch diagnostics for trainable methods
+
+    def required_labels(self) -> str:
+        """Group labels this configured instance reads (may depend on options, e.g. selection)."""
+        return self.label_needs
+
+    def fit(self, data: FeatureSet, seed: int) -> None:
+        raise NotImplementedError
+
+    def logits(self, split: SplitFeatures) -> np.ndarray:
+        """Class scores ``[n, C]`` for a split's samples."""
+        raise NotImplementedError
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator adding a method to :data:`REGISTRY` under ``cls.name``."""
+    if not cls.name or cls.name in REGISTRY:
+        raise ValueError(f"method name {cls.name!r} is empty or already registered")
+    if cls.label_needs not in LABEL_NEEDS:
+        raise ValueError(f"{cls.name}: label_needs must be one of {LABEL_NEEDS}")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def make_options(name: str, overrides: dict[str, Any] | None = None) -> Any:
+    """The ``Options`` of method ``name`` with ``overrides`` applied; unknown keys are an error."""
+    cls = get_method_class(name)
+    overrides = dict(overrides or {})
+    known = {f.name for f in fields(cls.Options)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"method {name!r} has no option(s) {unknown}; its options: {sorted(known)}")
+    return cls.Options(**overrides)
+
+
+def get_method_class(name: str) -> type[Method]:
+    """The registered class for ``name``; the error lists every known method."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; known methods: {sorted(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def create(name: str, **overrides: Any) -> Method:
+    """An instance of method ``name`` with option ``overrides``."""
+    return get_method_class(name)(make_options(name, overrides))
+
+
+def describe_methods() -> list[dict[str, Any]]:
+    """Name, label needs (with default options), used arrays, summary and options of every method."""
+    out = []
+    for name, cls in sorted(REGISTRY.items()):
+        opts = {f.name: f.default if f.default is not dataclasses.MISSING else None for f in fields(cls.Options)}
+        needs = cls(cls.Options()).required_labels()
+        out.append({"name": name, "label_needs": needs, "uses": list(cls.uses),
+                    "summary": cls.summary, "options": opts})
+    return out
+
+
+@dataclass
+class MethodRun:
+    """What :func:`run_method` returns: metrics per split, predictions, options, timing."""
+
+    method: str
+    seed: int
+    options: dict[str, Any]
+    label_needs: str
+    metrics: dict[str, dict]  # split -> Evaluation.as_dict()
+    predictions: dict[str, np.ndarray]  # split -> [n] predicted class
+    seconds: float
+    history: list[dict]
+    instance: Method
+
+
+def run_method(name: str, data: FeatureSet, seed: int = 0, options: dict[str, Any] | None = None,
+               splits: tuple[str, ...] | None = None) -> MethodRun:
+    """Fit method ``name`` on ``data`` with ``seed`` and evaluate it on ``splits`` (default: all present)."""
+    method = get_method_class(name)(make_options(name, options))
+    missing = [u for u in method.uses if u == "h" and any(s.h is None for s in data.splits.values())]
+    if missing:
+        raise ValueError(f"method {name!r} needs pre-projection features (h); these features only have embeddings")
+    if "train" in method.uses and "train" not in data.splits:
+        raise ValueError(f"method {name!r} needs a training split; the features have {sorted(data.splits)}")
+    t0 = time.perf_counter()
+    method.fit(data, seed)
+    seconds = time.perf_counter() - t0
+    metrics, preds = {}, {}
+    for split in splits or tuple(data.splits):
+        feats = data.splits[split]
+        pred = method.logits(feats).argmax(1)
+        preds[split] = pred
+        metrics[split] = evaluate(pred, feats.y, feats.g, data.n_groups, data.n_classes,
+                                  data.train_group_counts).as_dict()
+    log.info("%s seed %d: test WGA %.3f, avg %.3f (%.1f s)", name, seed, metrics.get("test", {}).get("wga", np.nan),
+             metrics.get("test", {}).get("avg_acc", np.nan), seconds)
+    return MethodRun(method=name, seed=seed, options=dataclasses.asdict(method.options),
+                     label_needs=method.required_labels(), metrics=metrics, predictions=preds,
+                     seconds=seconds, history=method.history, instance=method)

@@ -1,0 +1,178 @@
+"""Training the image tower's last linear map on cached pre-projection features.
+
+:class:`ProjectionHead` is the trainable part CFR and CLIP+ERM share: ``W [d_h, d]`` and ``b [d]``
+start at the pretrained ``W0``, ``b0``; the text prototypes are frozen; the logit scale ``s`` is
+optionally trainable.  ``logits(h) = s * dropout(norm(h @ W + b)) @ T^T``.
+
+:func:`fit_projection` runs epochs of SGD over the training split with a caller-supplied loss and
+selects an epoch by one of :data:`SELECTION_RULES`.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from calib.features import FeatureSet, SplitFeatures
+from calib.methods.base import Method, register
+from calib.metrics import worst_class_accuracy, worst_group_accuracy
+
+log = logging.getLogger(__name__)
+
+# rule -> group labels it reads
+SELECTION_RULES = {"val_wga": "val_groups", "val_worst_class": "none", "last": "none"}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class ProjectionHead(nn.Module):
+    """Trainable final projection with a frozen zero-shot text head.
+
+    Args:
+        W0: ``[d_h, d]`` pretrained projection; b0: ``[d]`` its bias (zeros for ViT).
+        text: ``[C, d]`` normalised class prototypes (frozen buffer).
+        logit_scale: initial ``s``; trained in log space when ``train_scale``.
+        dropout: dropout on the normalised image feature, active in training mode only.
+    """
+
+    def __init__(self, W0: np.ndarray, b0: np.ndarray, text: np.ndarray, logit_scale: float,
+                 train_scale: bool = True, dropout: float = 0.0):
+        super().__init__()
+        self.W = nn.Parameter(torch.as_tensor(W0, dtype=torch.float32).clone())
+        self.b = nn.Parameter(torch.as_tensor(b0, dtype=torch.float32).clone())
+        self.register_buffer("text", torch.as_tensor(text, dtype=torch.float32).clone())
+        log_s = torch.tensor(math.log(logit_scale), dtype=torch.float32)
+        self.log_s = nn.Parameter(log_s) if train_scale else nn.Parameter(log_s, requires_grad=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def embed(self, h: torch.Tensor) -> torch.Tensor:
+        """Normalised image embeddings ``[n, d]`` of pre-projection features ``h [n, d_h]``."""
+        return F.normalize(h @ self.W + self.b, dim=-1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits ``[n, C]``."""
+        return self.log_s.exp() * self.dropout(self.embed(h)) @ self.text.T
+
+
+@dataclass
+class ProjectionOptions:
+    """Optimisation of the projection: the CFR release's settings (SGD, lr 1e-4, 100 epochs)."""
+
+    epochs: int = 100  # passes over the training split
+    batch_size: int = 128  # training samples per step
+    lr: float = 1e-4  # SGD learning rate
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 1e-5  # SGD weight decay
+    train_logit_scale: bool = True  # also learn s
+    dropout: float = 0.0  # dropout on the normalised image feature, training only
+    selection: str = "val_wga"  # epoch selection: val_wga | val_worst_class | last
+    device: str = "auto"  # cuda when present
+
+
+def selection_score(rule: str, pred: np.ndarray, split: SplitFeatures, n_groups: int, n_classes: int) -> float:
+    """The validation score an epoch is selected by (higher is better)."""
+    if rule == "val_wga":
+        return worst_group_accuracy(pred, split.y, split.g, n_groups)
+    if rule == "val_worst_class":
+        return worst_class_accuracy(pred, split.y, n_classes)
+    raise ValueError(f"unknown selection rule {rule!r}; known: {sorted(SELECTION_RULES)}")
+
+
+def fit_projection(
+    data: FeatureSet,
+    opts: ProjectionOptions,
+    seed: int,
+    step_loss: Callable[[ProjectionHead, torch.Tensor, int], torch.Tensor],
+    head: ProjectionHead | None = None,
+) -> tuple[ProjectionHead, list[dict]]:
+    """Train a projection head; return the selected head and per-epoch history.
+
+    ``step_loss(head, batch_idx, epoch)`` returns the loss of one step given the indices of a
+    training mini-batch (the caller holds the tensors).  Deterministic under ``seed``.
+    """
+    if opts.selection not in SELECTION_RULES:
+        raise ValueError(f"unknown selection rule {opts.selection!r}; known: {sorted(SELECTION_RULES)}")
+    device = resolve_device(opts.device)
+    torch.manual_seed(seed)
+    head = head or ProjectionHead(data.W0, data.b0, data.text, data.logit_scale, opts.train_logit_scale, opts.dropout)
+    head = head.to(device)
+    params = [p for p in head.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay)
+    n = len(data.splits["train"])
+    gen = torch.Generator().manual_seed(seed)
+    val = data.splits.get("val")
+    h_val = torch.as_tensor(val.h, device=device) if val is not None else None
+    if opts.selection != "last" and val is None:
+        raise ValueError(f"selection {opts.selection!r} needs a validation split")
+    best_score, best_state, best_epoch, history = -np.inf, None, 0, []
+    for epoch in range(opts.epochs):
+        head.train()
+        losses = []
+        for idx in torch.randperm(n, generator=gen).split(opts.batch_size):
+            loss = step_loss(head, idx.to(device), epoch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        head.eval()
+        rec = {"epoch": epoch, "loss": float(np.mean(losses))}
+        if val is not None:
+            with torch.no_grad():
+                pred = head(h_val).argmax(1).cpu().numpy()
+            rec["val_wga"] = worst_group_accuracy(pred, val.y, val.g, data.n_groups)
+            rec["val_worst_class"] = worst_class_accuracy(pred, val.y, data.n_classes)
+            rec["val_acc"] = float(np.mean(pred == val.y))
+        history.append(rec)
+        score = epoch if opts.selection == "last" else rec[opts.selection]
+        if score > best_score:  # strict: ties keep the earlier epoch
+            best_score, best_state, best_epoch = score, copy.deepcopy(head.state_dict()), epoch
+    if history:
+        history[best_epoch]["selected"] = True
+    head.load_state_dict(best_state)
+    head.eval()
+    return head, history
+
+
+class ProjectionMethod(Method):
+    """Shared prediction for methods whose result is a :class:`ProjectionHead`."""
+
+    uses = ("h", "train")
+
+    def required_labels(self) -> str:
+        return SELECTION_RULES[self.options.selection] if self.label_needs == "none" else self.label_needs
+
+    def logits(self, split: SplitFeatures) -> np.ndarray:
+        with torch.no_grad():
+            h = torch.as_tensor(split.h, device=next(self.head.parameters()).device)
+            return self.head(h).cpu().numpy()
+
+
+@register
+class ClipERM(ProjectionMethod):
+    """CLIP+ERM: fine-tune the image projection (and s) with cross-entropy through the zero-shot head."""
+
+    name = "clip_erm"
+    Options = ProjectionOptions
+    summary = "CE fine-tuning of the image projection through the zero-shot head (CFR step 1)"
+
+    def fit(self, data: FeatureSet, seed: int) -> None:
+        device = resolve_device(self.options.device)
+        tr = data.splits["train"]
+        h = torch.as_tensor(tr.h, device=device)
+        y = torch.as_tensor(tr.y, device=device)
+
+        def ce(head: ProjectionHead, idx: torch.Tensor, epoch: int) -> torch.Tensor:
+            return F.cross_entropy(head(h[idx]), y[idx])
+
+        self.head, self.history = fit_projection(data, self.options, seed, ce)

@@ -1,0 +1,300 @@
+"""Loading CLIP models through open_clip, and splitting the image tower at its last linear map.
+
+:func:`load_clip` accepts any open_clip ``(model name, pretrained)`` pair where ``pretrained`` is
+
+- an open_clip tag (``"openai"``, ``"laion2b_s34b_b79k"``, ...), read from the Hugging Face cache;
+- a local checkpoint file (``.pt``, ``.bin``, ``.safetensors``);
+- ``"local-dir:<folder>"`` holding ``open_clip_config.json`` and weights;
+- ``"toy"``: calib's own toy CLIP (trained on first use, see :mod:`calib.toyclip`;
+  ``"toy-quick"`` is a seconds-long version for tests);
+- ``None`` / ``"random"``: randomly initialised weights (tests, throughput).
+
+Without network and without the weights on disk it fails at once with one message saying what to
+download and how to point calib at it (open_clip alone would retry for ~46 s first).
+
+CFR trains only the image tower's final linear map ``z = h @ W + b``.  :func:`encode_pre_projection`
+returns ``h`` (ViT: pooled token after ``ln_post``; RN50: attention-pool output before ``c_proj``)
+and ``z``; :func:`projection_params` returns ``W`` (``[d_h, d]``) and ``b`` (``[d]``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from calib import paths
+
+log = logging.getLogger(__name__)
+
+ASSETS = paths.PACKAGE_DIR / "assets"
+TOY_MODEL_NAME = "calib-toy-vit"
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights are neither on disk nor downloadable; the message says what to fetch."""
+
+
+class UnsupportedModelError(ValueError):
+    """The image tower is of a kind whose final linear map calib does not know how to split."""
+
+
+def register_calib_models() -> None:
+    """Register calib's own architectures (the toy CLIP) with open_clip; idempotent."""
+    import open_clip
+
+    if TOY_MODEL_NAME not in open_clip.list_models():
+        open_clip.add_model_config(ASSETS / f"{TOY_MODEL_NAME}.json")
+
+
+@dataclass
+class LoadedClip:
+    """An open_clip model ready for feature extraction."""
+
+    model: nn.Module
+    preprocess: Callable  # PIL image -> float tensor [3, H, W]
+    tokenizer: Callable  # list[str] -> long tensor [n, context_length]
+    name: str
+    pretrained: str  # as given (tag, path, local-dir:..., toy, random)
+    fingerprint: str  # hash of the weights actually loaded: part of every feature-cache key
+    device: str
+
+    @property
+    def preprocess_id(self) -> str:
+        """A stable description of the image preprocessing (part of the feature-cache key)."""
+        return " | ".join(repr(t) for t in getattr(self.preprocess, "transforms", [self.preprocess]))
+
+
+def weights_fingerprint(model: nn.Module, length: int = 16) -> str:
+    """A hash of every parameter's name, shape and leading values: changes whenever the weights do."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        flat = p.detach().reshape(-1)[:4096].float().cpu().numpy()
+        h.update(np.ascontiguousarray(flat).tobytes())
+    return h.hexdigest()[:length]
+
+
+def _network_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _check_tag_available(name: str, tag: str, cache_dir: str | None) -> None:
+    """Raise :class:`WeightsUnavailableError` at once when ``(name, tag)`` cannot be had."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    hf = cfg.get("hf_hub", "")
+    url = cfg.get("url", "")
+    sources = []
+    if hf:
+        from huggingface_hub import try_to_load_from_cache
+
+        model_id, filename = os.path.split(hf)
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        for fn in names:
+            hit = try_to_load_from_cache(model_id, fn, cache_dir=cache_dir)
+            if isinstance(hit, str):
+                return
+        sources.append(f"https://huggingface.co/{model_id} (file {' or '.join(names)})")
+    if url:
+        target = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+        if target.is_file():
+            return
+        sources.append(url)
+    if not _offline() and _network_reachable():
+        return  # open_clip will download it
+    raise WeightsUnavailableError(
+        f"The weights for open_clip model {name!r} with pretrained tag {tag!r} are not on this machine "
+        f"and cannot be downloaded (offline).\n"
+        f"Download them on a machine with network from: {'; '.join(sources) or 'the open_clip model zoo'}\n"
+        f"then either pass the file itself, e.g. load_clip({name!r}, pretrained='/path/to/open_clip_model.safetensors') "
+        f"(notebooks: the `pretrained` parameter), or place it in the Hugging Face cache "
+        f"(HF_HUB_CACHE; e.g. `huggingface-cli download {hf.rstrip('/') if hf else '<repo>'}` on a connected machine, "
+        f"then copy its cache folder here)."
+    )
+
+
+def _resolve(name: str, pretrained: str | None, cache_dir: str | None) -> str | None:
+    """Turn calib's ``pretrained`` spellings into what open_clip takes, checking availability."""
+    import open_clip
+
+    register_calib_models()
+    if name not in open_clip.list_models():
+        import difflib
+
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=5, cutoff=0.5)
+        raise ValueError(f"unknown open_clip model {name!r}; did you mean one of {close}? "
+                         "(`open_clip.list_models()` lists all)")
+    if pretrained in (None, "", "random", "none"):
+        return None
+    if pretrained in ("toy", "toy-quick"):
+        from calib.toyclip import TOY_PRESETS, ensure_toy_clip
+
+        if name != TOY_MODEL_NAME:
+            raise ValueError(f"pretrained={pretrained!r} exists only for model {TOY_MODEL_NAME!r}, not {name!r}")
+        return str(ensure_toy_clip(TOY_PRESETS[pretrained]))
+    if pretrained.startswith("local-dir:"):
+        folder = Path(pretrained[len("local-dir:"):]).expanduser()
+        if not (folder / "open_clip_config.json").is_file():
+            raise WeightsUnavailableError(f"{pretrained}: expected {folder}/open_clip_config.json and a weights file")
+        return f"local-dir:{folder.resolve()}"
+    as_path = Path(pretrained).expanduser()
+    if as_path.suffix in (".pt", ".pth", ".bin", ".safetensors") or os.sep in pretrained:
+        if not as_path.is_file():
+            raise WeightsUnavailableError(f"checkpoint file {as_path} does not exist")
+        return str(as_path.resolve())
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        raise ValueError(f"unknown pretrained tag {pretrained!r} for model {name!r}; known tags: {tags} "
+                         "(or pass a checkpoint file, 'local-dir:<folder>', 'random')")
+    _check_tag_available(name, pretrained, cache_dir)
+    return pretrained
+
+
+def load_clip(
+    name: str,
+    pretrained: str | None = None,
+    device: str | None = None,
+    cache_dir: str | None = None,
+    **model_kwargs: Any,
+) -> LoadedClip:
+    """Load an open_clip model in eval mode on ``device`` (GPU when present).
+
+    ``model_kwargs`` go to ``open_clip.create_model_and_transforms`` (e.g. ``force_image_size``).
+    Raises :class:`WeightsUnavailableError` (what to download, how to point calib at it) or
+    ``ValueError`` (unknown model or tag, listing the valid ones).
+    """
+    import open_clip
+
+    from calib.utils import default_device
+
+    device = device or default_device()
+    resolved = _resolve(name, pretrained, cache_dir)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        name, pretrained=resolved, device=device, cache_dir=cache_dir, **model_kwargs
+    )
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(name)
+    return LoadedClip(
+        model=model,
+        preprocess=preprocess,
+        tokenizer=tokenizer,
+        name=name,
+        pretrained=str(pretrained),
+        fingerprint=weights_fingerprint(model),
+        device=str(device),
+    )
+
+
+# --- the image tower's last linear map --------------------------------------------------------
+
+
+def _tower_kind(visual: nn.Module) -> str:
+    if hasattr(visual, "attnpool") and hasattr(getattr(visual, "attnpool"), "c_proj"):
+        return "resnet"
+    if isinstance(getattr(visual, "proj", None), nn.Parameter):
+        if getattr(visual, "attn_pool", None) is not None:
+            raise UnsupportedModelError("ViTs with an attentional pooler (CoCa-style) are not supported")
+        return "vit"
+    raise UnsupportedModelError(
+        f"cannot locate the final linear projection of image tower {type(visual).__name__}; "
+        "supported: open_clip VisionTransformer (visual.proj) and ModifiedResNet (visual.attnpool.c_proj)"
+    )
+
+
+def projection_params(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W, b)`` of the image tower's last linear map, ``z = h @ W + b``: ``W [d_h, d]``, ``b [d]``.
+
+    Returned as detached float32 CPU copies (ViT has no bias: ``b`` is zeros).
+    """
+    visual = model.visual
+    if _tower_kind(visual) == "vit":
+        W = visual.proj.detach().float().cpu().clone()
+        return W, torch.zeros(W.shape[1])
+    c_proj = visual.attnpool.c_proj
+    return c_proj.weight.detach().float().cpu().T.contiguous(), c_proj.bias.detach().float().cpu().clone()
+
+
+@contextmanager
+def _without_projection(visual: nn.Module) -> Iterator[None]:
+    """Temporarily make the tower's last linear map the identity, so ``visual(x)`` returns ``h``."""
+    kind = _tower_kind(visual)
+    if kind == "vit":
+        saved = visual.proj
+        visual.proj = None
+        try:
+            yield
+        finally:
+            visual.proj = saved
+    else:
+        pool = visual.attnpool
+        saved = pool.c_proj
+        width = saved.in_features
+        ident = nn.Linear(width, width).to(device=saved.weight.device, dtype=saved.weight.dtype)
+        with torch.no_grad():
+            ident.weight.copy_(torch.eye(width))
+            ident.bias.zero_()
+        pool.c_proj = ident
+        try:
+            yield
+        finally:
+            pool.c_proj = saved
+
+
+@torch.no_grad()
+def encode_pre_projection(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image features before and after the last linear map.
+
+    Args:
+        images: preprocessed batch ``[n, 3, H, W]`` on the model's device.
+    Returns:
+        ``h [n, d_h]`` (input of the final projection) and ``z [n, d]`` (= ``model.encode_image``),
+        both float32, unnormalised.
+    """
+    visual = model.visual
+    with _without_projection(visual):
+        h = visual(images)
+    if isinstance(h, tuple):  # towers configured to also return tokens
+        h = h[0]
+    h = h.float()
+    W, b = projection_params(model)
+    z = h @ W.to(h.device) + b.to(h.device)
+    return h, z
+
+
+@torch.no_grad()
+def text_prototypes(loaded: LoadedClip, class_names: list[str], templates: list[str]) -> torch.Tensor:
+    """Zero-shot class prototypes ``[n_classes, d]``: per class, the normalised mean over
+    templates of the normalised text embeddings, as in CLIP's prompt ensembling."""
+    protos = []
+    for cname in class_names:
+        tokens = loaded.tokenizer([t.format(cname) for t in templates]).to(loaded.device)
+        emb = loaded.model.encode_text(tokens).float()
+        emb = emb / emb.norm(dim=-1, keepdim=True)
+        mean = emb.mean(0)
+        protos.append(mean / mean.norm())
+    return torch.stack(protos).cpu()
+
+
+def logit_scale(model: nn.Module) -> float:
+    """The model's learned logit scale ``s = exp(logit_scale)``."""
+    return float(model.logit_scale.detach().exp().cpu())

@@ -1,0 +1,229 @@
+"""Append-only JSON-lines result rows, their loader, and tables in markdown and LaTeX.
+
+One row per (experiment, method, dataset, model, pretrained, seed, options), carrying the
+resolved hyperparameters and provenance (git revision, package versions, device, time).  Rows are
+never edited: a re-run appends, and :func:`load_results` keeps the newest row per key.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from calib import paths
+from calib.metrics import mean_std
+from calib.utils import stable_hash
+
+log = logging.getLogger(__name__)
+
+KEY_FIELDS = ("experiment", "method", "dataset", "model", "pretrained", "seed", "options_hash")
+
+
+def git_revision() -> str:
+    """The checkout's ``git describe``-style revision (``+dirty`` when modified), or ``"unknown"``."""
+    root = paths.repo_root()
+    if root is None:
+        return "unknown"
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if rev.returncode != 0:
+        return "unknown"
+    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that change numbers."""
+    import sklearn
+    import torch
+
+    import calib
+
+    out = {"calib": calib.__version__, "python": platform.python_version(), "numpy": np.__version__,
+           "torch": torch.__version__, "sklearn": sklearn.__version__}
+    try:
+        import open_clip
+
+        out["open_clip"] = open_clip.__version__
+    except ImportError:  # pragma: no cover - open_clip is a dependency
+        pass
+    return out
+
+
+def provenance(device: str) -> dict[str, Any]:
+    """Git revision, package versions, device and UTC time for a result row."""
+    return {
+        "git_rev": git_revision(),
+        "versions": package_versions(),
+        "device": device,
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+    }
+
+
+def make_row(
+    *,
+    experiment: str,
+    method: str,
+    dataset: str,
+    model: str,
+    pretrained: str,
+    seed: int,
+    options: dict[str, Any],
+    metrics: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """One result row; ``metrics`` maps split name to an :class:`~calib.metrics.Evaluation` dict."""
+    return {
+        "experiment": experiment,
+        "method": method,
+        "dataset": dataset,
+        "model": model,
+        "pretrained": pretrained,
+        "seed": int(seed),
+        "options": options,
+        "options_hash": stable_hash(options, 10),
+        "metrics": metrics,
+        **(extra or {}),
+        "provenance": provenance(device),
+    }
+
+
+def results_path(experiment: str, results_dir: Path | None = None) -> Path:
+    """``<results_dir>/<experiment>.jsonl``."""
+    return Path(results_dir or paths.results_dir()) / f"{experiment}.jsonl"
+
+
+def append_rows(rows: Iterable[dict[str, Any]], path: Path) -> int:
+    """Append rows to a JSONL file (one ``write`` per row, flushed); returns how many."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with open(path, "a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, sort_keys=True, default=_json_default) + "\n")
+            n += 1
+        f.flush()
+    return n
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot serialise {type(obj).__name__}")
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """All rows of one JSONL file; a truncated last line (interrupted write) is skipped with a warning."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("%s:%d is not valid JSON (interrupted write?); skipped", path, lineno)
+    return rows
+
+
+def flatten_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A result row with ``metrics`` spread into ``<split>.<metric>`` columns and provenance dropped
+    (its ``time`` kept)."""
+    flat = {k: v for k, v in row.items() if k not in ("metrics", "provenance")}
+    for split, metrics in row.get("metrics", {}).items():
+        for name, value in metrics.items():
+            flat[f"{split}.{name}"] = value
+    flat["time"] = row.get("provenance", {}).get("time")
+    return flat
+
+
+def load_results(paths_or_experiments: Iterable[str | Path] | str | Path, results_dir: Path | None = None) -> pd.DataFrame:
+    """Rows of one or more experiments (names or JSONL paths) as a flat DataFrame.
+
+    Columns: the key fields, ``label_needs``, ``options``, and ``<split>.<metric>`` for every scalar
+    metric (e.g. ``test.wga``) plus ``test.group_acc``.  The newest row per key wins.
+    """
+    items = [paths_or_experiments] if isinstance(paths_or_experiments, (str, Path)) else list(paths_or_experiments)
+    records = []
+    for item in items:
+        p = Path(item) if str(item).endswith(".jsonl") else results_path(str(item), results_dir)
+        if not p.is_file():
+            raise FileNotFoundError(f"no results at {p}; run the experiment notebook first")
+        records += [flatten_row(row) for row in read_rows(p)]
+    df = pd.DataFrame.from_records(records)
+    if df.empty:
+        return df
+    return df.drop_duplicates(subset=list(KEY_FIELDS), keep="last").reset_index(drop=True)
+
+
+def summarize(
+    df: pd.DataFrame,
+    metrics: tuple[str, ...] = ("test.avg_acc", "test.avg_acc_trainw", "test.wga"),
+    by: tuple[str, ...] = ("dataset", "model", "method"),
+    scale: float = 100.0,
+) -> pd.DataFrame:
+    """Mean ± std over seeds per ``by`` group: columns ``<metric>`` (formatted), ``<metric>_mean``,
+    ``<metric>_std`` and ``seeds``.  Row order follows first appearance in ``df``."""
+    out = []
+    for key, part in df.groupby(list(by), sort=False):
+        rec = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+        if "label_needs" in part:
+            rec["label_needs"] = part["label_needs"].iloc[0]
+        for m in metrics:
+            mean, std, n = mean_std(part[m].to_numpy(float))
+            rec[f"{m}_mean"], rec[f"{m}_std"] = mean, std
+            rec[m] = f"{mean * scale:.1f} ± {std * scale:.1f}"
+        rec["seeds"] = int(part["seed"].nunique())
+        out.append(rec)
+    return pd.DataFrame(out)
+
+
+def to_markdown(df: pd.DataFrame, columns: list[str] | None = None, headers: list[str] | None = None) -> str:
+    """A GitHub markdown table of ``df[columns]``."""
+    cols = columns or list(df.columns)
+    heads = headers or cols
+    lines = ["| " + " | ".join(heads) + " |", "|" + "|".join(" --- " for _ in heads) + "|"]
+    for _, row in df[cols].iterrows():
+        lines.append("| " + " | ".join(str(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+_LATEX_ESCAPES = {"&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "±": r"$\pm$"}
+
+
+def to_latex(df: pd.DataFrame, columns: list[str] | None = None, headers: list[str] | None = None, caption: str = "") -> str:
+    """A booktabs LaTeX table of ``df[columns]`` (``±`` rendered as ``$\\pm$``)."""
+    cols = columns or list(df.columns)
+    heads = headers or cols
+
+    def esc(v: Any) -> str:
+        s = str(v)
+        for a, b in _LATEX_ESCAPES.items():
+            s = s.replace(a, b)
+        return s
+
+    lines = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{" + "l" * len(cols) + "}", r"\toprule",
+             " & ".join(esc(h) for h in heads) + r" \\", r"\midrule"]
+    for _, row in df[cols].iterrows():
+        lines.append(" & ".join(esc(v) for v in row) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    if caption:
+        lines.append(r"\caption{" + esc(caption) + "}")
+    lines.append(r"\end{table}")
+    return "\n".join(lines) + "\n"

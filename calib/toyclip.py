@@ -1,0 +1,183 @@
+"""The toy CLIP: a small open_clip ViT trained contrastively by calib on a procedural corpus.
+
+The corpus is drawn by the toy benchmark's renderer (:func:`calib.data.toy.render_scene`) from
+seeds disjoint from the benchmark's, and captioned in plain English that mentions the bird, the
+background, or both.  As on the web, birds are usually photographed in their habitat: with
+probability ``cooccurrence`` the background matches the bird (waterbird on water, landbird on
+land).  A model trained on it classifies birds zero-shot but leans on the background: the
+spurious correlation the paper studies.
+
+The trained weights are saved as a real open_clip checkpoint (``open_clip_model.safetensors`` next
+to ``open_clip_config.json``) and loaded through :func:`calib.models.load_clip` like any other
+(``load_clip("calib-toy-vit", "toy")``, or ``pretrained=<file>`` / ``local-dir:<folder>``).
+
+These settings were fixed before any method was evaluated and are not tuned on method results.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from calib import paths
+from calib.data.toy import render_scene
+from calib.utils import atomic_dir, stable_hash
+
+log = logging.getLogger(__name__)
+
+BIRD_WORDS = ("landbird", "waterbird")
+PLACE_WORDS = {"forest": ("forest", "woods"), "field": ("field", "meadow"), "ocean": ("ocean", "sea"), "lake": ("lake", "pond")}
+BOTH = ("a photo of a {b} in the {p}.", "a {b} in the {p}.", "a {b} standing by the {p}.",
+        "a picture of a {b} near the {p}.", "a {b} and the {p} behind it.", "the {b} in front of a {p}.")
+BIRD_ONLY = ("a photo of a {b}.", "a {b}.", "a picture of the {b}.", "a close-up photo of a {b}.", "this is a {b}.")
+PLACE_ONLY = ("a photo of the {p}.", "a {p}.", "a picture of a {p}.", "a view of the {p}.")
+
+
+@dataclass(frozen=True)
+class ToyClipConfig:
+    """How the toy CLIP is made.  Defaults were fixed before looking at any method's numbers."""
+
+    seed: int = 0  # corpus and initialisation seed
+    n_pairs: int = 12000  # image-caption pairs in the corpus
+    cooccurrence: float = 0.85  # P(background matches the bird's habitat) in the corpus
+    p_bird_only: float = 0.3  # caption mentions only the bird
+    p_place_only: float = 0.15  # caption mentions only the background (the rest mention both)
+    steps: int = 600  # optimiser steps (~0.27 s each on 2 CPU cores)
+    batch_size: int = 200  # pairs per step
+    lr: float = 1e-3  # AdamW peak learning rate (cosine decay after warm-up)
+    warmup: int = 50  # linear warm-up steps
+    weight_decay: float = 0.1  # AdamW weight decay
+    image_size: int = 64  # pixels (matches the toy benchmark and the model config)
+
+
+# pretrained spellings accepted by calib.models.load_clip for the toy CLIP
+TOY_PRESETS: dict[str, ToyClipConfig] = {
+    "toy": ToyClipConfig(),
+    "toy-quick": ToyClipConfig(n_pairs=600, steps=20, warmup=5),  # seconds; for tests and smoke runs only
+}
+
+
+def caption(rng: np.random.Generator, bird: int, style: str, cfg: ToyClipConfig) -> str:
+    """An English caption of a toy image of ``bird`` on a background of ``style``."""
+    b = BIRD_WORDS[bird]
+    p = PLACE_WORDS[style][rng.integers(2)]
+    u = rng.random()
+    if u < cfg.p_bird_only:
+        return BIRD_ONLY[rng.integers(len(BIRD_ONLY))].format(b=b)
+    if u < cfg.p_bird_only + cfg.p_place_only:
+        return PLACE_ONLY[rng.integers(len(PLACE_ONLY))].format(p=p)
+    return BOTH[rng.integers(len(BOTH))].format(b=b, p=p)
+
+
+def make_corpus(cfg: ToyClipConfig) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Images ``[n, H, W, 3]`` uint8, captions, and ``[n, 2]`` (bird, place) of the training corpus."""
+    rng = np.random.default_rng([cfg.seed, 1_000_003])  # disjoint from the benchmark's streams
+    birds = rng.integers(0, 2, cfg.n_pairs)
+    habitat = rng.random(cfg.n_pairs) < cfg.cooccurrence
+    places = np.where(habitat, birds, 1 - birds)
+    images = np.empty((cfg.n_pairs, cfg.image_size, cfg.image_size, 3), np.uint8)
+    captions = []
+    for i in range(cfg.n_pairs):
+        img_rng = np.random.default_rng([cfg.seed, 1_000_003, i])
+        images[i], style = render_scene(img_rng, int(birds[i]), int(places[i]), cfg.image_size)
+        captions.append(caption(img_rng, int(birds[i]), style, cfg))
+    return images, captions, np.stack([birds, places], 1)
+
+
+def checkpoint_dir(cfg: ToyClipConfig = ToyClipConfig(), cache_dir: Path | None = None) -> Path:
+    """Folder of the toy CLIP trained with ``cfg`` (its name hashes the config)."""
+    from calib.models import TOY_MODEL_NAME
+
+    return Path(cache_dir or paths.cache_dir()) / "models" / f"{TOY_MODEL_NAME}-{stable_hash(asdict(cfg), 12)}"
+
+
+def _to_tensor(images: np.ndarray, mean: tuple, std: tuple) -> torch.Tensor:
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def train_toy_clip(cfg: ToyClipConfig, out_dir: Path) -> dict:
+    """Train the toy CLIP with open_clip's model and contrastive loss; write the checkpoint to ``out_dir``.
+
+    Returns a log dict (loss curve, seconds).  Deterministic for a given seed and thread count.
+    """
+    import open_clip
+    from open_clip.loss import ClipLoss
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from calib.models import ASSETS, TOY_MODEL_NAME, register_calib_models
+
+    register_calib_models()
+    t0 = time.time()
+    images, captions, _ = make_corpus(cfg)
+    t_corpus = time.time() - t0
+    torch.manual_seed(cfg.seed)
+    model = open_clip.create_model(TOY_MODEL_NAME, pretrained=None, device="cpu")
+    tokenizer = open_clip.get_tokenizer(TOY_MODEL_NAME)
+    mean, std = model.visual.image_mean or open_clip.OPENAI_DATASET_MEAN, model.visual.image_std or open_clip.OPENAI_DATASET_STD
+    x_all = _to_tensor(images, mean, std)
+    t_all = tokenizer(captions)
+    loss_fn = ClipLoss()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98), fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    losses = []
+    perm = torch.randperm(cfg.n_pairs, generator=gen)
+    cursor = 0
+    for _ in tqdm(range(cfg.steps), desc="toy CLIP", unit="step", mininterval=5):
+        if cursor + cfg.batch_size > cfg.n_pairs:
+            perm, cursor = torch.randperm(cfg.n_pairs, generator=gen), 0
+        idx = perm[cursor : cursor + cfg.batch_size]
+        cursor += cfg.batch_size
+        x = x_all[idx]
+        flip = torch.rand(len(idx), generator=gen) < 0.5  # mirror images: birds face both ways anyway
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        # The corpus has few distinct captions: encode each once per step (same loss, less compute).
+        uniq, inverse = torch.unique(t_all[idx], dim=0, return_inverse=True)
+        img_f = model.encode_image(x, normalize=True)
+        txt_f = model.encode_text(uniq, normalize=True)[inverse]
+        loss = loss_fn(img_f, txt_f, model.logit_scale.exp())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        losses.append(loss.item())
+    model.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / "open_clip_model.safetensors"))
+    model_cfg = json.loads((ASSETS / f"{TOY_MODEL_NAME}.json").read_text())
+    model_cfg["preprocess_cfg"] = {"mean": list(mean), "std": list(std)}
+    (out_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}, indent=2))
+    info = {"config": asdict(cfg), "corpus_seconds": t_corpus, "seconds": time.time() - t0,
+            "loss_first": losses[0], "loss_last": float(np.mean(losses[-20:])), "losses": losses[::10]}
+    (out_dir / "train_log.json").write_text(json.dumps(info, indent=2))
+    log.info("toy CLIP trained in %.0f s (corpus %.0f s); loss %.3f -> %.3f", info["seconds"], t_corpus,
+             info["loss_first"], info["loss_last"])
+    return info
+
+
+def ensure_toy_clip(cfg: ToyClipConfig = ToyClipConfig(), cache_dir: Path | None = None) -> Path:
+    """Path of the toy CLIP's ``open_clip_model.safetensors``, training it first if it is not cached.
+
+    The checkpoint folder is built under a temporary name and renamed when complete.
+    """
+    final = checkpoint_dir(cfg, cache_dir)
+    weights = final / "open_clip_model.safetensors"
+    if weights.is_file():
+        return weights
+    log.info("training the toy CLIP (one time, cached at %s)", final)
+    with atomic_dir(final) as tmp:
+        train_toy_clip(cfg, tmp)
+    return weights

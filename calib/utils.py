@@ -1,0 +1,106 @@
+"""Small shared helpers: seeding, device choice, hashing, atomic writes, logging set-up."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> np.random.Generator:
+    """Seed python, numpy's legacy global state and torch; return a fresh ``default_rng(seed)``.
+
+    Code in calib draws from the returned generator (or one derived from it), never from numpy's
+    global state; the global seeding only tames third-party code.
+    """
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    import torch
+
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+def torch_generator(seed: int, device: str | None = None):
+    """A ``torch.Generator`` seeded with ``seed`` (on ``device``, default CPU)."""
+    import torch
+
+    gen = torch.Generator(device=device or "cpu")
+    gen.manual_seed(seed)
+    return gen
+
+
+def default_device() -> str:
+    """``"cuda"`` when a GPU is visible, otherwise ``"cpu"``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """Hex digest of the canonical JSON of ``obj`` (key order does not matter)."""
+    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def file_hash(path: Path, length: int = 16) -> str:
+    """sha256 of a file's bytes, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:length]
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; rename it to ``final`` only if the block succeeds.
+
+    An interrupted or failed build never leaves a folder at ``final`` that looks complete.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Route calib's log records to stderr once (CLI and notebooks call this)."""
+    logger = logging.getLogger("calib")
+    if not any(getattr(h, "_calib", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s", "%H:%M:%S"))
+        handler._calib = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(level)

@@ -1,0 +1,47 @@
+"""Install metadata, scripts and docs stay consistent."""
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _norm(req: str) -> str:
+    return re.split(r"[<>=!~ ;\[]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_environment_yml_lists_pyproject_dependencies():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = {_norm(r) for r in project["dependencies"]} | {_norm(r) for r in project["optional-dependencies"]["dev"]}
+    env = (REPO / "environment.yml").read_text()
+    pip_section = env.split("- pip:", 1)[1]
+    listed = {_norm(line.strip()[2:]) for line in pip_section.splitlines()
+              if line.strip().startswith("- ") and not line.strip().startswith("- -e")}
+    assert listed == wanted
+    assert re.search(r"python\s*>=\s*3\.1\d", env)
+    assert project["requires-python"] == ">=3.10"
+
+
+def test_entry_scripts_exist_and_ci_calls_tests():
+    for script in ("run_all.sh", "run_tests.sh", ".ci/run"):
+        path = REPO / script
+        assert path.is_file() and path.stat().st_mode & 0o111, script
+    assert "run_tests.sh" in (REPO / ".ci/run").read_text()
+    for script in ("run_all.sh", "run_tests.sh", "scripts/bootstrap.sh", ".ci/run"):
+        subprocess.run(["bash", "-n", str(REPO / script)], check=True)
+
+
+def test_readme_has_the_two_commands_and_badges():
+    readme = (REPO / "README.md").read_text()
+    assert "./run_all.sh" in readme and "./run_tests.sh" in readme
+    for nb in sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        assert f"blob/main/notebooks/{nb.name}" in readme, f"README lacks a Colab badge for {nb.name}"
+    for target in re.findall(r"\]\((figures/[^)]+)\)", readme):
+        assert (REPO / target).is_file(), target
+
+
+def test_cli_help_and_methods():
+    out = subprocess.run([sys.executable, "-m", "calib", "list", "methods"], capture_output=True, text=True, check=True)
+    assert "clip_erm†" in out.stdout and "zeroshot" in out.stdout

@@ -1,0 +1,70 @@
+"""Result rows: append-only JSONL, newest row per key wins, tables."""
+import json
+
+import pandas as pd
+import pytest
+
+from calib.report import render_table, results_table
+from calib.results import append_rows, load_results, make_row, read_rows, summarize, to_latex, to_markdown
+
+
+def _row(method, seed, wga, acc=0.9, experiment="exp"):
+    m = {"test": {"wga": wga, "avg_acc": acc, "avg_acc_trainw": acc, "worst_class_acc": acc,
+                  "group_acc": [acc, wga], "group_n": [5, 5]}}
+    return make_row(experiment=experiment, method=method, dataset="toy", model="m", pretrained="p", seed=seed,
+                    options={"lr": 0.1}, metrics=m, extra={"label_needs": "none"})
+
+
+def test_rows_carry_provenance(tmp_path):
+    row = _row("zeroshot", 0, 0.5)
+    for key in ("git_rev", "versions", "device", "time"):
+        assert key in row["provenance"]
+    assert {"torch", "numpy", "calib"} <= set(row["provenance"]["versions"])
+
+
+def test_append_only_and_newest_wins(tmp_path):
+    path = tmp_path / "exp.jsonl"
+    append_rows([_row("zeroshot", 0, 0.5), _row("zeroshot", 1, 0.6)], path)
+    append_rows([_row("zeroshot", 0, 0.55)], path)  # a re-run of seed 0
+    assert len(read_rows(path)) == 3  # nothing rewritten
+    df = load_results(path)
+    assert len(df) == 2
+    assert df.set_index("seed").loc[0, "test.wga"] == 0.55
+
+
+def test_truncated_line_is_skipped(tmp_path):
+    path = tmp_path / "exp.jsonl"
+    append_rows([_row("zeroshot", 0, 0.5)], path)
+    with open(path, "a") as f:
+        f.write('{"experiment": "exp", "meth')  # interrupted write
+    assert len(read_rows(path)) == 1
+
+
+def test_missing_results_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run the experiment"):
+        load_results(tmp_path / "nope.jsonl")
+
+
+def test_summary_and_tables(tmp_path):
+    path = tmp_path / "exp.jsonl"
+    append_rows([_row("zeroshot", 0, 0.5), _row("zeroshot", 1, 0.7)], path)
+    df = load_results(path)
+    s = summarize(df, ("test.wga",))
+    assert s.loc[0, "test.wga"] == "60.0 ± 14.1"
+    assert s.loc[0, "seeds"] == 2
+    md = to_markdown(s, ["method", "test.wga"], ["method", "WGA"])
+    assert md == "| method | WGA |\n| --- | --- |\n| zeroshot | 60.0 ± 14.1 |\n"
+    tex = to_latex(s, ["method", "test.wga"], ["method", "WGA"])
+    assert r"zeroshot & 60.0 $\pm$ 14.1 \\" in tex and r"\toprule" in tex
+
+
+def test_label_marks_in_table():
+    rows = pd.DataFrame([
+        {"dataset": "d", "model": "m", "method": "a", "label_needs": "none", "seed": 0, "test.wga": 0.5,
+         "test.avg_acc": 0.9, "test.avg_acc_trainw": 0.9},
+        {"dataset": "d", "model": "m", "method": "b", "label_needs": "val_groups", "seed": 0, "test.wga": 0.6,
+         "test.avg_acc": 0.9, "test.avg_acc_trainw": 0.9},
+    ])
+    table = results_table(rows)
+    assert list(table["method"]) == ["a", "b†"]
+    assert "† uses validation group labels" in render_table(table)
