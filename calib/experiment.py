@@ -6,6 +6,7 @@ read from ``root`` or ``<CALIB_DATA_DIR>/<name>``).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +17,10 @@ import pandas as pd
 from calib import paths
 from calib.data import GroupDataset, ToyConfig, load_dataset, load_waterbirds, make_toy_waterbirds
 from calib.features import FeatureSet, build_feature_set
-from calib.methods import run_method
+from calib.methods import make_options, run_method
 from calib.models import load_clip
-from calib.results import append_rows, flatten_row, make_row, results_path
-from calib.utils import seed_everything
+from calib.results import append_rows, flatten_row, make_row, read_rows, results_path
+from calib.utils import code_hash, seed_everything, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +67,35 @@ class RunSpec:
     options: dict[str, dict[str, Any]] | None = None
 
 
-def run_experiment(spec: RunSpec, features: FeatureSet, write: bool = True,
+def _reuse_key(method: str, seed: int, options: dict, features: FeatureSet) -> tuple:
+    m = features.meta
+    return (method, int(seed), stable_hash(options, 10), m.get("weights"), m.get("dataset_version"), code_hash())
+
+
+def run_experiment(spec: RunSpec, features: FeatureSet, write: bool = True, reuse: bool = True,
                    results_dir: Path | None = None) -> pd.DataFrame:
-    """Run every (method, seed), append one result row each, and return the rows as a DataFrame."""
-    rows = []
+    """Run every (method, seed), append one result row each, and return the rows as a DataFrame.
+
+    With ``reuse`` (default) a (method, seed, options) whose row already exists for the same
+    features (weights fingerprint, dataset version) and the same calib source code is not run again:
+    the stored row is returned.  Pass ``reuse=False`` to force a re-run.
+    """
+    path = results_path(spec.experiment, results_dir)
+    stored = {}
+    if reuse and write and path.is_file():
+        for row in read_rows(path):
+            key = (row["method"], row["seed"], row["options_hash"], row.get("weights"), row.get("dataset_version"),
+                   row.get("code"))
+            stored[key] = row
+    rows, new_rows = [], []
     for method in spec.methods:
         for seed in spec.seeds:
+            options = dataclasses.asdict(make_options(method, (spec.options or {}).get(method)))
+            key = _reuse_key(method, seed, options, features)
+            if key in stored:
+                log.info("%s seed %d: reusing the stored result row (same features, options and code)", method, seed)
+                rows.append(stored[key])
+                continue
             seed_everything(seed)
             run = run_method(method, features, seed, (spec.options or {}).get(method))
             selected = next((r["epoch"] for r in run.history if r.get("selected")), None)
@@ -81,10 +105,11 @@ def run_experiment(spec: RunSpec, features: FeatureSet, write: bool = True,
                 seed=seed, options=run.options, metrics=run.metrics, device=features.meta.get("device", "cpu"),
                 extra={"label_needs": run.label_needs, "seconds": run.seconds,
                        "epochs_run": len(run.history), "selected_epoch": selected,
-                       "group_names": features.group_names, "weights": features.meta.get("weights")},
+                       "group_names": features.group_names, "weights": features.meta.get("weights"),
+                       "dataset_version": features.meta.get("dataset_version"), "code": code_hash()},
             ))
-    if write:
-        path = results_path(spec.experiment, results_dir)
-        append_rows(rows, path)
-        log.info("appended %d rows to %s", len(rows), path)
+            new_rows.append(rows[-1])
+    if write and new_rows:
+        append_rows(new_rows, path)
+        log.info("appended %d rows to %s", len(new_rows), path)
     return pd.DataFrame.from_records([flatten_row(r) for r in rows])

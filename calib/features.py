@@ -224,5 +224,5 @@ def build_feature_set(
         W0=W0.numpy(),
         b0=b0.numpy(),
         meta={"dataset": dataset.name, "model": loaded.name, "pretrained": loaded.pretrained,
-              "weights": loaded.fingerprint, "device": loaded.device},
+              "weights": loaded.fingerprint, "dataset_version": dataset.version, "device": loaded.device},
     )

@@ -189,11 +189,13 @@ def load_clip(
 
     device = device or default_device()
     resolved = _resolve(name, pretrained, cache_dir)
+    # open_clip reads a local-dir: folder (config + weights) through the model-name argument
+    ident, weights = (resolved, None) if resolved and resolved.startswith("local-dir:") else (name, resolved)
     model, _, preprocess = open_clip.create_model_and_transforms(
-        name, pretrained=resolved, device=device, cache_dir=cache_dir, **model_kwargs
+        ident, pretrained=weights, device=device, cache_dir=cache_dir, **model_kwargs
     )
     model.eval()
-    tokenizer = open_clip.get_tokenizer(name)
+    tokenizer = open_clip.get_tokenizer(ident)
     return LoadedClip(
         model=model,
         preprocess=preprocess,

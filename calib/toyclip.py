@@ -158,8 +158,8 @@ def train_toy_clip(cfg: ToyClipConfig, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / "open_clip_model.safetensors"))
     model_cfg = json.loads((ASSETS / f"{TOY_MODEL_NAME}.json").read_text())
-    model_cfg["preprocess_cfg"] = {"mean": list(mean), "std": list(std)}
-    (out_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}, indent=2))
+    config = {"model_cfg": model_cfg, "preprocess_cfg": {"mean": list(mean), "std": list(std)}}
+    (out_dir / "open_clip_config.json").write_text(json.dumps(config, indent=2))
     info = {"config": asdict(cfg), "corpus_seconds": t_corpus, "seconds": time.time() - t0,
             "loss_first": losses[0], "loss_last": float(np.mean(losses[-20:])), "losses": losses[::10]}
     (out_dir / "train_log.json").write_text(json.dumps(info, indent=2))

@@ -95,6 +95,27 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+_CODE_HASH: str | None = None
+
+
+def code_hash(length: int = 12) -> str:
+    """Hash of calib's own source (every .py, .json, .mplstyle file in the package).
+
+    Stored with every result row: a row is reused only by the code that produced it.
+    """
+    global _CODE_HASH
+    if _CODE_HASH is None:
+        from calib.paths import PACKAGE_DIR
+
+        h = hashlib.sha256()
+        for f in sorted(PACKAGE_DIR.rglob("*")):
+            if f.suffix in (".py", ".json", ".mplstyle") and "__pycache__" not in f.parts:
+                h.update(str(f.relative_to(PACKAGE_DIR)).encode())
+                h.update(f.read_bytes())
+        _CODE_HASH = h.hexdigest()
+    return _CODE_HASH[:length]
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Route calib's log records to stderr once (CLI and notebooks call this)."""
     logger = logging.getLogger("calib")
@@ -103,4 +124,5 @@ def setup_logging(level: int = logging.INFO) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s", "%H:%M:%S"))
         handler._calib = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
+        logger.propagate = False  # libraries call logging.basicConfig; avoid printing every line twice
     logger.setLevel(level)

@@ -96,23 +96,48 @@ def fit_projection(
     step_loss: Callable[[ProjectionHead, torch.Tensor, int], torch.Tensor],
     head: ProjectionHead | None = None,
 ) -> tuple[ProjectionHead, list[dict]]:
-    """Train a projection head; return the selected head and per-epoch history.
+    """Train a projection head on ``h``; return the selected head and per-epoch history.
 
     ``step_loss(head, batch_idx, epoch)`` returns the loss of one step given the indices of a
     training mini-batch (the caller holds the tensors).  Deterministic under ``seed``.
     """
-    if opts.selection not in SELECTION_RULES:
-        raise ValueError(f"unknown selection rule {opts.selection!r}; known: {sorted(SELECTION_RULES)}")
-    device = resolve_device(opts.device)
     torch.manual_seed(seed)
     head = head or ProjectionHead(data.W0, data.b0, data.text, data.logit_scale, opts.train_logit_scale, opts.dropout)
+    return fit_head(head, data, opts, seed, step_loss, lambda split: split.h)
+
+
+def fit_head(
+    head: nn.Module,
+    data: FeatureSet,
+    opts: ProjectionOptions,
+    seed: int,
+    step_loss: Callable[[nn.Module, torch.Tensor, int], torch.Tensor],
+    inputs: Callable[[SplitFeatures], np.ndarray],
+    optimizer: str = "sgd",
+) -> tuple[nn.Module, list[dict]]:
+    """The one training loop: epochs of mini-batches over the training split, epoch selection.
+
+    ``head(inputs(split))`` gives logits ``[n, C]``; ``optimizer`` is ``"sgd"`` (with ``opts``'
+    momentum) or ``"adam"``.  Returns the head at the selected epoch and the per-epoch history
+    (loss, val WGA, val worst-class accuracy, val accuracy; ``selected`` marks the chosen epoch).
+    """
+    if opts.selection not in SELECTION_RULES:
+        raise ValueError(f"unknown selection rule {opts.selection!r}; known: {sorted(SELECTION_RULES)}")
+    if opts.epochs < 1:
+        raise ValueError("epochs must be >= 1")
+    device = resolve_device(opts.device)
     head = head.to(device)
     params = [p for p in head.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay)
+    elif optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}; use 'sgd' or 'adam'")
     n = len(data.splits["train"])
     gen = torch.Generator().manual_seed(seed)
     val = data.splits.get("val")
-    h_val = torch.as_tensor(val.h, device=device) if val is not None else None
+    h_val = torch.as_tensor(inputs(val), device=device) if val is not None else None
     if opts.selection != "last" and val is None:
         raise ValueError(f"selection {opts.selection!r} needs a validation split")
     best_score, best_state, best_epoch, history = -np.inf, None, 0, []
@@ -145,17 +170,21 @@ def fit_projection(
 
 
 class ProjectionMethod(Method):
-    """Shared prediction for methods whose result is a :class:`ProjectionHead`."""
+    """Shared prediction for methods whose result is a trained torch head (``self.head``)."""
 
     uses = ("h", "train")
 
     def required_labels(self) -> str:
         return SELECTION_RULES[self.options.selection] if self.label_needs == "none" else self.label_needs
 
+    def inputs(self, split: SplitFeatures) -> np.ndarray:
+        """What the trained head consumes: pre-projection features ``h``."""
+        return split.h
+
     def logits(self, split: SplitFeatures) -> np.ndarray:
         with torch.no_grad():
-            h = torch.as_tensor(split.h, device=next(self.head.parameters()).device)
-            return self.head(h).cpu().numpy()
+            x = torch.as_tensor(self.inputs(split), device=next(self.head.parameters()).device)
+            return self.head(x).cpu().numpy()
 
 
 @register
@@ -169,8 +198,8 @@ class ClipERM(ProjectionMethod):
     def fit(self, data: FeatureSet, seed: int) -> None:
         device = resolve_device(self.options.device)
         tr = data.splits["train"]
-        h = torch.as_tensor(tr.h, device=device)
-        y = torch.as_tensor(tr.y, device=device)
+        h = torch.tensor(tr.h, device=device)
+        y = torch.tensor(tr.y, device=device)
 
         def ce(head: ProjectionHead, idx: torch.Tensor, epoch: int) -> torch.Tensor:
             return F.cross_entropy(head(h[idx]), y[idx])

@@ -1,0 +1,272 @@
+"""CFR: Contrastive Feature Recalibration (You et al., CVPR 2024), on cached pre-projection features.
+
+Steps (see ../shared/docs/method.md):
+
+1. Reference model: CLIP+ERM (``reference="erm"``) or the pretrained projection (``"zeroshot"``).
+2. Calibration set: the training samples the reference misclassifies (``"misclassified"``) or the
+   fraction ``calibration_fraction`` with the smallest true-class margin (``"low_margin"``). Group
+   labels are never read; the set's group composition is recorded only as a diagnostic.
+3. For each anchor of class y: ``positives`` correctly classified class-y samples (uniformly random
+   each step, or nearest in reference-embedding space) and ``negatives`` other-class samples nearest
+   to the anchor in reference-embedding space (``negative_rule="hard"``).  All three pass through the
+   *current* projection and are L2-normalised at every step, so gradients reach ``W`` through all.
+4. Per step, B regular training samples paired with B anchors (the release pairs training sample i
+   with calibration sample i mod |cal|; an epoch is one pass over the training set)::
+
+       L = c(e) * (CE(anchors) + L_con) + L_reg(regular batch)
+
+   ``L_con``: mean over positives of InfoNCE(anchor, positive vs the negatives, temperature tau);
+   ``L_reg``: TSC (as released), CE, SupCon or none; ``c(e) = 1 + 0.5 cos(2 pi e / E)`` (the
+   intended schedule) or the constant 1.5 that the release actually ran.
+5. Epoch selection: ``val_wga`` / ``val_worst_class`` / ``last``.  6. Predict with the zero-shot head.
+
+``faithful_release=True`` reproduces three behaviours of the released code: negatives overwritten
+by random *same-class* samples, dropout left on at evaluation, and the loss weight stuck at 1.5.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from calib.features import FeatureSet, SplitFeatures
+from calib.methods.base import Method, register
+from calib.methods.losses import TSCLoss, info_nce, supcon_loss
+from calib.methods.projection import (
+    SELECTION_RULES,
+    ProjectionHead,
+    ProjectionMethod,
+    ProjectionOptions,
+    fit_projection,
+    resolve_device,
+)
+
+log = logging.getLogger(__name__)
+
+CHOICES = {
+    "reference": ("erm", "zeroshot"),
+    "calibration": ("misclassified", "low_margin"),
+    "positive_rule": ("random", "nearest"),
+    "negative_rule": ("hard", "random_same_class"),
+    "regularizer": ("tsc", "ce", "supcon", "none"),
+    "weight_schedule": ("cosine", "constant"),
+    "selection": tuple(SELECTION_RULES),
+}
+
+
+@dataclass
+class CFROptions:
+    """CFR options: defaults are the released settings with the released defects fixed."""
+
+    reference: str = "erm"  # reference model: "erm" (CLIP+ERM, default) or "zeroshot"
+    reference_epochs: int = 100  # epochs of the CLIP+ERM reference (same optimiser settings as below)
+    calibration: str = "misclassified"  # calibration rule: "misclassified" or "low_margin"
+    calibration_fraction: float = 0.1  # q, the low-margin fraction (used by "low_margin" only)
+    positives: int = 16  # P positives per anchor
+    negatives: int = 16  # N negatives per anchor
+    positive_rule: str = "random"  # "random" (fresh each step) or "nearest" (reference-space neighbours)
+    negative_rule: str = "hard"  # "hard" (nearest other-class) or "random_same_class" (as released)
+    temperature: float = 1.0  # tau of the InfoNCE term
+    regularizer: str = "tsc"  # L_reg on the regular batch: "tsc" (released), "ce", "supcon", "none"
+    tsc_temperature: float = 0.07  # TSC / SupCon temperature
+    tsc_target_weight: float = 0.2  # TSC weight of the class-target positive
+    tsc_queue: int = 1280  # TSC feature-queue length (128 * 2 * 5 in the release)
+    weight: float = 1.5  # c: constant value, and the cosine schedule's value at epoch 0
+    weight_schedule: str = "cosine"  # "cosine": 1 + 0.5 cos(2 pi e / E); "constant": c
+    dropout: float = 0.1  # dropout on the normalised image feature, training only
+    epochs: int = 100  # passes over the training set
+    batch_size: int = 128  # regular samples per step (and as many anchors)
+    lr: float = 1e-4  # SGD learning rate
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 1e-5  # SGD weight decay
+    train_logit_scale: bool = True  # also learn the logit scale s
+    selection: str = "val_wga"  # epoch selection: val_wga | val_worst_class | last
+    faithful_release: bool = False  # reproduce the released negatives / eval dropout / stuck schedule
+    device: str = "auto"  # cuda when present
+
+    def validate(self) -> None:
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"CFR option {name}={getattr(self, name)!r}; allowed: {list(allowed)}")
+        if self.positives < 1 or self.negatives < 1 or self.epochs < 1:
+            raise ValueError("CFR needs positives >= 1, negatives >= 1 and epochs >= 1")
+
+    def projection_options(self, epochs: int, dropout: float) -> ProjectionOptions:
+        return ProjectionOptions(epochs=epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
+                                 weight_decay=self.weight_decay, train_logit_scale=self.train_logit_scale,
+                                 dropout=dropout, selection=self.selection, device=self.device)
+
+
+def loss_weight(epoch: int, epochs: int, opts: CFROptions) -> float:
+    """c(e): the cosine schedule, or the constant (always the constant under ``faithful_release``)."""
+    if opts.weight_schedule == "constant" or opts.faithful_release:
+        return opts.weight
+    return opts.weight - 0.5 + 0.5 * math.cos(2 * math.pi * epoch / epochs)
+
+
+def calibration_set(logits: np.ndarray, y: np.ndarray, rule: str, fraction: float) -> np.ndarray:
+    """Indices of the calibration set from reference logits ``[n, C]`` (no group label is read)."""
+    if rule == "misclassified":
+        idx = np.flatnonzero(logits.argmax(1) != y)
+        if len(idx):
+            return idx
+        log.warning("the reference model classifies every training sample correctly; "
+                    "using the %.0f%% lowest-margin samples instead", 100 * fraction)
+    true = logits[np.arange(len(y)), y]
+    other = np.where(np.eye(logits.shape[1], dtype=bool)[y], -np.inf, logits).max(1)
+    k = max(1, int(round(fraction * len(y))))
+    return np.sort(np.argsort(true - other, kind="stable")[:k])
+
+
+def nearest(query: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
+    """For each normalised query row, indices (into ``keys``) of its ``k`` most cosine-similar keys."""
+    k = min(k, len(keys))
+    out = [(query[i:i + chunk] @ keys.T).topk(k, dim=1).indices for i in range(0, len(query), chunk)]
+    return torch.cat(out)
+
+
+@register
+class CFR(ProjectionMethod):
+    """CFR: recalibrate the image projection with a contrastive loss on a label-free calibration set."""
+
+    name = "cfr"
+    Options = CFROptions
+    summary = "Contrastive Feature Recalibration of the image projection (You et al., CVPR 2024)"
+
+    def fit(self, data: FeatureSet, seed: int) -> None:
+        o = self.options
+        o.validate()
+        device = resolve_device(o.device)
+        tr = data.splits["train"]
+        h = torch.tensor(tr.h, device=device)
+        y = torch.tensor(tr.y, device=device)
+        gen = torch.Generator().manual_seed(seed + 1)  # sampling stream, separate from the batch order
+
+        # 1. reference model
+        if o.reference == "erm":
+            ref_head, self.reference_history = fit_projection(
+                data, o.projection_options(o.reference_epochs, 0.0), seed,
+                lambda head, idx, epoch: F.cross_entropy(head(h[idx]), y[idx]))
+        else:
+            ref_head = ProjectionHead(data.W0, data.b0, data.text, data.logit_scale).to(device).eval()
+            self.reference_history = []
+        with torch.no_grad():
+            ref_logits = ref_head(h).cpu().numpy()
+            ref_emb = ref_head.embed(h)
+        ref_pred = ref_logits.argmax(1)
+
+        # 2. calibration set (diagnostic composition only)
+        cal = calibration_set(ref_logits, tr.y, o.calibration, o.calibration_fraction)
+        self.calibration_idx = cal
+        self.calibration_groups = np.bincount(tr.g[cal], minlength=data.n_groups).tolist()
+        log.info("CFR calibration set: %d of %d training samples (per-group diagnostic: %s)",
+                 len(cal), len(tr), self.calibration_groups)
+
+        # 3. positives and negatives, indexed in the training split
+        correct = ref_pred == tr.y
+        pools = {c: torch.as_tensor(np.flatnonzero(correct & (tr.y == c)), device=device) for c in range(data.n_classes)}
+        for c, pool in pools.items():
+            if len(pool) == 0:
+                pools[c] = torch.as_tensor(np.flatnonzero(tr.y == c), device=device)  # no correct sample: any
+                log.warning("no correctly classified training sample of class %d; positives drawn from the class", c)
+        cal_t = torch.as_tensor(cal, device=device)
+        cal_y = y[cal_t]
+        self.hard_negatives = torch.empty(len(cal), o.negatives, dtype=torch.long, device=device)
+        self.nearest_positives = torch.empty(len(cal), o.positives, dtype=torch.long, device=device)
+        for c in range(data.n_classes):
+            rows = torch.nonzero(cal_y == c).flatten()
+            if len(rows) == 0:
+                continue
+            others = torch.nonzero(y != c).flatten()
+            nn_idx = nearest(ref_emb[cal_t[rows]], ref_emb[others], o.negatives)
+            self.hard_negatives[rows] = others[_pad(nn_idx, o.negatives, gen)]
+            if o.positive_rule == "nearest":
+                pool = pools[c]
+                pos_idx = nearest(ref_emb[cal_t[rows]], ref_emb[pool], o.positives)
+                self.nearest_positives[rows] = pool[_pad(pos_idx, o.positives, gen)]
+
+        def positives_for(anchor_rows: torch.Tensor) -> torch.Tensor:
+            if o.positive_rule == "nearest":
+                return self.nearest_positives[anchor_rows]
+            out = torch.empty(len(anchor_rows), o.positives, dtype=torch.long, device=device)
+            for c, pool in pools.items():
+                mask = cal_y[anchor_rows] == c
+                if mask.any():
+                    draw = torch.randint(len(pool), (int(mask.sum()), o.positives), generator=gen).to(device)
+                    out[mask] = pool[draw]
+            return out
+
+        def negatives_for(anchor_rows: torch.Tensor) -> torch.Tensor:
+            if o.negative_rule == "hard" and not o.faithful_release:
+                return self.hard_negatives[anchor_rows]
+            # the release computes hard negatives, then overwrites them with random same-class samples
+            out = torch.empty(len(anchor_rows), o.negatives, dtype=torch.long, device=device)
+            for c in range(data.n_classes):
+                mask = cal_y[anchor_rows] == c
+                if mask.any():
+                    same = torch.nonzero(y == c).flatten()
+                    out[mask] = same[torch.randint(len(same), (int(mask.sum()), o.negatives), generator=gen).to(device)]
+            return out
+
+        # 4. the loss
+        tsc = TSCLoss(data.text.shape[1], data.n_classes, o.tsc_queue, o.tsc_temperature, o.tsc_target_weight,
+                      seed).to(device) if o.regularizer == "tsc" else None
+        n_cal = len(cal)
+        cal_order = {"perm": torch.randperm(n_cal, generator=gen), "epoch": -1}
+
+        def step_loss(head: ProjectionHead, idx: torch.Tensor, epoch: int) -> torch.Tensor:
+            if cal_order["epoch"] != epoch:  # a fresh anchor order each epoch; anchors cycle (i mod |cal|)
+                cal_order["perm"], cal_order["epoch"], cal_order["pos"] = torch.randperm(n_cal, generator=gen), epoch, 0
+            start = cal_order["pos"]
+            rows = cal_order["perm"][torch.arange(start, start + len(idx)) % n_cal].to(device)
+            cal_order["pos"] = start + len(idx)
+            anchors = cal_t[rows]
+            pos, neg = positives_for(rows), negatives_for(rows)
+            # project every row needed by this step once
+            need = torch.cat([idx, anchors, pos.flatten(), neg.flatten()])
+            uniq, inverse = torch.unique(need, return_inverse=True)
+            emb = head.embed(h[uniq])[inverse]
+            b, p_n = len(idx), pos.numel()
+            e_reg, e_anc = emb[:b], emb[b:2 * b]
+            e_pos = emb[2 * b:2 * b + p_n].view(*pos.shape, -1)
+            e_neg = emb[2 * b + p_n:].view(*neg.shape, -1)
+            scale = head.log_s.exp()
+            ce_anchor = F.cross_entropy(scale * head.dropout(e_anc) @ head.text.T, y[anchors])
+            l_con = info_nce(e_anc, e_pos, e_neg, o.temperature)
+            loss = loss_weight(epoch, o.epochs, o) * (ce_anchor + l_con)
+            if o.regularizer == "ce":
+                loss = loss + F.cross_entropy(scale * head.dropout(e_reg) @ head.text.T, y[idx])
+            elif o.regularizer == "supcon":
+                loss = loss + supcon_loss(head.dropout(e_reg), y[idx], o.tsc_temperature)
+            elif o.regularizer == "tsc":
+                loss = loss + tsc(F.normalize(head.dropout(e_reg), dim=-1), y[idx])
+            return loss
+
+        # the trainable projection starts at the pretrained W0 (not at the reference)
+        head = ProjectionHead(data.W0, data.b0, data.text, data.logit_scale, o.train_logit_scale, o.dropout)
+        self.head, self.history = fit_projection(data, o.projection_options(o.epochs, o.dropout), seed, step_loss, head)
+        self.eval_gen = torch.Generator().manual_seed(seed + 2)
+
+    def logits(self, split: SplitFeatures) -> np.ndarray:
+        if not self.options.faithful_release:
+            return super().logits(split)
+        # the release left dropout active at evaluation: predictions are stochastic (seeded here)
+        with torch.no_grad():
+            head = self.head
+            h = torch.as_tensor(split.h, device=head.W.device)
+            e = head.embed(h)
+            keep = (torch.rand(e.shape, generator=self.eval_gen) >= head.dropout.p).to(e.device)
+            e = e * keep / (1 - head.dropout.p)
+            return (head.log_s.exp() * e @ head.text.T).cpu().numpy()
+
+
+def _pad(idx: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Repeat columns (at random) when fewer than ``k`` candidates exist."""
+    if idx.shape[1] >= k:
+        return idx[:, :k]
+    extra = torch.randint(idx.shape[1], (idx.shape[0], k - idx.shape[1]), generator=gen).to(idx.device)
+    return torch.cat([idx, idx.gather(1, extra)], dim=1)

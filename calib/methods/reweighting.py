@@ -1,0 +1,149 @@
+"""Last-layer baselines on frozen embeddings that reweight training samples: JTT, AFR, GroupDRO.
+
+All work on L2-normalised CLIP embeddings ``z``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+from torch import nn
+
+from calib.features import FeatureSet, SplitFeatures
+from calib.methods.base import Method, register
+from calib.methods.heads import normalize
+from calib.methods.projection import ProjectionMethod, ProjectionOptions, fit_head, resolve_device
+
+
+@dataclass
+class JTTOptions:
+    id_C: float = 0.01  # inverse L2 strength of the identification model (stands in for JTT's early stopping)
+    upweight: float = 100.0  # lambda_up: weight of the identification model's training errors (JTT, Waterbirds)
+    C: float = 1.0  # inverse L2 strength of the retrained head
+    max_iter: int = 2000  # lbfgs iterations
+
+
+@register
+class JTT(Method):
+    """JTT (Liu et al., 2021) on embeddings: fit a strongly regularised head, upweight its training
+    errors by lambda, refit.  Hyperparameters fixed (not selected with group labels)."""
+
+    name = "jtt"
+    Options = JTTOptions
+    summary = "Just Train Twice: upweight the training errors of a first head, retrain"
+    uses = ("z", "train")
+
+    def fit(self, data: FeatureSet, seed: int) -> None:
+        tr = data.splits["train"]
+        x = normalize(tr.z)
+        first = LogisticRegression(C=self.options.id_C, max_iter=self.options.max_iter, random_state=seed).fit(x, tr.y)
+        self.errors = np.flatnonzero(first.predict(x) != tr.y)
+        weights = np.ones(len(tr.y))
+        weights[self.errors] = self.options.upweight
+        self.clf = LogisticRegression(C=self.options.C, max_iter=self.options.max_iter, random_state=seed)
+        self.clf.fit(x, tr.y, sample_weight=weights)
+
+    def logits(self, split: SplitFeatures) -> np.ndarray:
+        return self.clf.predict_log_proba(normalize(split.z))
+
+
+@dataclass
+class AFROptions:
+    heldout_fraction: float = 0.2  # share of the training set held out for reweighting (the rest trains the base head)
+    gamma: float = 4.0  # weights exp(-gamma * p_true) of the held-out samples
+    C: float = 1.0  # inverse L2 strength of both heads
+    max_iter: int = 2000  # lbfgs iterations
+
+
+@register
+class AFR(Method):
+    """AFR (Qiu et al., 2023) on embeddings: a base head on part of the training set; the last layer
+    retrained on the held-out part with weights exp(-gamma p_true), class-balanced."""
+
+    name = "afr"
+    Options = AFROptions
+    summary = "Automatic Feature Reweighting: retrain on held-out training data weighted by exp(-gamma p_true)"
+    uses = ("z", "train")
+
+    def fit(self, data: FeatureSet, seed: int) -> None:
+        o = self.options
+        tr = data.splits["train"]
+        x = normalize(tr.z)
+        order = np.random.default_rng(seed).permutation(len(x))
+        n_held = max(2, int(round(o.heldout_fraction * len(x))))
+        held, base = order[:n_held], order[n_held:]
+        base_clf = LogisticRegression(C=o.C, max_iter=o.max_iter, random_state=seed).fit(x[base], tr.y[base])
+        proba = base_clf.predict_proba(x[held])
+        p_true = proba[np.arange(n_held), np.searchsorted(base_clf.classes_, tr.y[held])]
+        w = np.exp(-o.gamma * p_true)
+        for c in np.unique(tr.y[held]):  # equal total weight per class
+            m = tr.y[held] == c
+            w[m] /= w[m].sum()
+        self.weights = w
+        self.clf = LogisticRegression(C=o.C, max_iter=o.max_iter, random_state=seed)
+        self.clf.fit(x[held], tr.y[held], sample_weight=w * len(w))
+
+    def logits(self, split: SplitFeatures) -> np.ndarray:
+        return self.clf.predict_log_proba(normalize(split.z))
+
+
+class LinearHead(nn.Module):
+    """A linear classifier on normalised embeddings, initialised at the zero-shot head ``s * T``."""
+
+    def __init__(self, text: np.ndarray, scale: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.as_tensor(text * scale, dtype=torch.float32).clone())
+        self.bias = nn.Parameter(torch.zeros(len(text)))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return F.normalize(z, dim=-1) @ self.weight.T + self.bias
+
+
+@dataclass
+class GroupDROOptions(ProjectionOptions):
+    eta: float = 0.01  # step size of the group weights (GroupDRO's eta_q)
+    lr: float = 1e-3  # Adam learning rate of the head
+    weight_decay: float = 1e-4  # L2 (GroupDRO relies on strong regularisation)
+    epochs: int = 50  # passes over the training set
+
+
+@register
+class GroupDRO(ProjectionMethod):
+    """GroupDRO (Sagawa et al., 2020) on a linear head over embeddings.  Reads *training* group
+    labels: an oracle upper reference, not a label-free method."""
+
+    name = "groupdro"
+    Options = GroupDROOptions
+    label_needs = "train_groups"
+    uses = ("z", "train")
+    summary = "GroupDRO on the head (oracle: uses training group labels)"
+
+    def inputs(self, split: SplitFeatures) -> np.ndarray:
+        return split.z
+
+    def fit(self, data: FeatureSet, seed: int) -> None:
+        device = resolve_device(self.options.device)
+        tr = data.splits["train"]
+        z = torch.as_tensor(tr.z, device=device)
+        y = torch.tensor(tr.y, device=device)
+        g = torch.tensor(tr.g, device=device)
+        q = torch.ones(data.n_groups, device=device) / data.n_groups
+        eta = self.options.eta
+
+        def loss(head: nn.Module, idx: torch.Tensor, epoch: int) -> torch.Tensor:
+            nonlocal q
+            per = F.cross_entropy(head(z[idx]), y[idx], reduction="none")
+            counts = torch.bincount(g[idx], minlength=data.n_groups).float()
+            group_loss = torch.zeros(data.n_groups, device=device).index_add(0, g[idx], per) / counts.clamp(min=1)
+            with torch.no_grad():  # exponentiated-gradient ascent on the group weights
+                q = q * torch.exp(eta * group_loss.detach() * (counts > 0))
+                q = q / q.sum()
+            return (q * group_loss).sum()
+
+        torch.manual_seed(seed)
+        self.head, self.history = fit_head(LinearHead(data.text, data.logit_scale), data, self.options, seed, loss,
+                                           self.inputs, optimizer="adam")
+        self.group_weights = q.cpu().numpy().tolist()
