@@ -5,7 +5,10 @@
     python -m calib list methods [--json]
     python -m calib toy-clip [--preset toy|toy-quick]
     python -m calib extract --dataset NAME [--root DIR] --model M --pretrained P [--split S]
-    python -m calib report readme [--experiment spurious_correlation] [--dataset toy]
+    python -m calib evaluate --embeddings FILE.npz --method NAME [--seed N] [--option K=V] [--json]
+    python -m calib export --dataset NAME --model M --pretrained P --out FILE.npz
+    python -m calib bench methods [--dataset synthetic|toy] [--method NAME] [--seeds 0 1]
+    python -m calib report readme [--dataset toy]
 
 Exit status: 0 on success, 2 on bad input (wrong layout, unknown name), with one clear message.
 """
@@ -89,10 +92,72 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_options(pairs: list[str] | None) -> dict:
+    """``["epochs=3", "scaler=val"]`` -> ``{"epochs": 3, "scaler": "val"}`` (values parsed as JSON when possible)."""
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ValueError(f"--option expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from calib.methods import run_method
+    from calib.npz import load_npz
+
+    feats = load_npz(Path(args.embeddings))
+    run = run_method(args.method, feats, seed=args.seed, options=_parse_options(args.option))
+    if args.json:
+        print(json.dumps({"ok": True, "method": args.method, "seed": args.seed, "label_needs": run.label_needs,
+                          "options": run.options, "seconds": run.seconds, "metrics": run.metrics}, indent=2, default=str))
+        return 0
+    print(f"{args.method} (seed {args.seed}; group labels read: {run.label_needs}; {run.seconds:.1f} s)")
+    for split, m in run.metrics.items():
+        groups = " ".join(f"{a * 100:.1f}" for a in m["group_acc"])
+        print(f"  {split:5s} WGA {m['wga'] * 100:5.1f}  avg {m['avg_acc'] * 100:5.1f}  "
+              f"avg(train-weighted) {m['avg_acc_trainw'] * 100:5.1f}  per group [{groups}]")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from calib.experiment import prepare_features
+    from calib.npz import export_npz
+
+    feats = prepare_features(args.dataset, args.model, args.pretrained, root=args.root, device=args.device)
+    print(f"wrote {export_npz(feats, Path(args.out))}")
+    return 0
+
+
+def _cmd_bench_methods(args: argparse.Namespace) -> int:
+    import torch
+
+    from calib.bench import synthetic_features, time_methods
+
+    if args.dataset == "synthetic":
+        feats = synthetic_features(args.d_h, args.d)
+    else:
+        from calib.experiment import prepare_features
+
+        feats = prepare_features(args.dataset, args.model, args.pretrained)
+    df = time_methods(feats, args.method, tuple(args.seeds))
+    sizes = {s: len(f) for s, f in feats.splits.items()}
+    print(f"{feats.meta['dataset']} {sizes}, h dim {feats.splits['train'].h.shape[1]}, "
+          f"torch threads {torch.get_num_threads()}")
+    print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if args.json:
+        Path(args.json).write_text(df.to_json(orient="records", indent=2))
+    return 0
+
+
 def _cmd_report_readme(args: argparse.Namespace) -> int:
     from calib.report import update_readme
 
-    path = update_readme(args.experiment, args.dataset, Path(args.readme) if args.readme else None)
+    path = update_readme(args.dataset, Path(args.readme) if args.readme else None)
     print(f"updated {path}")
     return 0
 
@@ -135,9 +200,37 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--device", default=None, help="cuda / cpu (default: cuda when present)")
     ex.set_defaults(func=_cmd_extract)
 
+    ev = sub.add_parser("evaluate", help="run a method on your own embeddings (DFR npz layout) and print metrics")
+    ev.add_argument("--embeddings", required=True, help="npz with embeddings_/y_/g_ + train (optional), val, test")
+    ev.add_argument("--method", required=True, help="a method from `python -m calib list methods`")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option override (repeatable)")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=_cmd_evaluate)
+
+    xp = sub.add_parser("export", help="write cached features as an embeddings npz (DFR layout)")
+    xp.add_argument("--dataset", required=True)
+    xp.add_argument("--root", default=None)
+    xp.add_argument("--model", required=True)
+    xp.add_argument("--pretrained", required=True)
+    xp.add_argument("--device", default=None)
+    xp.add_argument("--out", required=True, help="output .npz path")
+    xp.set_defaults(func=_cmd_export)
+
+    bn = sub.add_parser("bench", help="timings").add_subparsers(dest="bench_command", required=True)
+    bm = bn.add_parser("methods", help="seconds per method per seed")
+    bm.add_argument("--dataset", default="synthetic", help="'synthetic' (Waterbirds-sized) or a dataset name")
+    bm.add_argument("--model", default="calib-toy-vit")
+    bm.add_argument("--pretrained", default="toy")
+    bm.add_argument("--d-h", type=int, default=1024, help="synthetic pre-projection dims")
+    bm.add_argument("--d", type=int, default=768, help="synthetic embedding dims")
+    bm.add_argument("--method", action="append", help="method(s) to time (default: all)")
+    bm.add_argument("--seeds", type=int, nargs="+", default=[0])
+    bm.add_argument("--json", default=None, help="also write the timings to this JSON file")
+    bm.set_defaults(func=_cmd_bench_methods)
+
     rep = sub.add_parser("report", help="render results").add_subparsers(dest="report_command", required=True)
-    rr = rep.add_parser("readme", help="write the toy results table into README.md")
-    rr.add_argument("--experiment", default="spurious_correlation")
+    rr = rep.add_parser("readme", help="write the toy result tables into README.md")
     rr.add_argument("--dataset", default="toy")
     rr.add_argument("--readme", default=None, help="README path (default: the checkout's README.md)")
     rr.set_defaults(func=_cmd_report_readme)
@@ -152,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (DatasetLayoutError, WeightsUnavailableError, ValueError, FileNotFoundError) as err:
+    except (DatasetLayoutError, WeightsUnavailableError, ValueError, FileNotFoundError) as err:  # incl. EmbeddingsFileError
         if getattr(args, "json", False):
             print(json.dumps({"ok": False, "error": str(err)}))
         print(f"error: {err}", file=sys.stderr)

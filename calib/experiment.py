@@ -17,7 +17,8 @@ import pandas as pd
 from calib import paths
 from calib.data import GroupDataset, ToyConfig, load_dataset, load_waterbirds, make_toy_waterbirds
 from calib.features import FeatureSet, build_feature_set
-from calib.methods import make_options, run_method
+from calib.methods import MethodRun, make_options, run_method
+from calib.methods.base import evaluate_instance
 from calib.models import load_clip
 from calib.results import append_rows, flatten_row, make_row, read_rows, results_path
 from calib.utils import code_hash, seed_everything, stable_hash
@@ -59,12 +60,39 @@ def prepare_features(
 
 @dataclass
 class RunSpec:
-    """What :func:`run_experiment` runs: methods x seeds, each method with option overrides."""
+    """What :func:`run_experiment` runs: (methods + variants) x seeds.
+
+    ``options`` maps a method to its option overrides; ``variants`` maps a label to
+    ``(method, overrides)`` for extra configurations of a method (ablations, protocols).
+    Every row records its ``variant`` label (the method name for plain methods).
+    """
 
     experiment: str
     methods: list[str]
     seeds: list[int]
     options: dict[str, dict[str, Any]] | None = None
+    variants: dict[str, tuple[str, dict[str, Any]]] | None = None
+
+    def runs(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """``(variant label, method, overrides)`` for every configuration."""
+        out = [(m, m, dict((self.options or {}).get(m) or {})) for m in self.methods]
+        return out + [(label, m, dict(o)) for label, (m, o) in (self.variants or {}).items()]
+
+
+def protocol_variants(methods: list[str], options: dict[str, dict] | None = None) -> dict[str, tuple[str, dict]]:
+    """Both model-selection protocols for every method that selects an epoch:
+    ``<m>`` (``val_wga``, the paper's protocol) and ``<m> [no group labels]`` (``val_worst_class``)."""
+    from calib.methods import make_options
+
+    out = {}
+    for m in methods:
+        base = dict((options or {}).get(m) or {})
+        if hasattr(make_options(m), "selection"):
+            out[m] = (m, {**base, "selection": "val_wga"})
+            out[f"{m} [no group labels]"] = (m, {**base, "selection": "val_worst_class"})
+        else:
+            out[m] = (m, base)
+    return out
 
 
 def _reuse_key(method: str, seed: int, options: dict, features: FeatureSet) -> tuple:
@@ -88,22 +116,31 @@ def run_experiment(spec: RunSpec, features: FeatureSet, write: bool = True, reus
                    row.get("code"))
             stored[key] = row
     rows, new_rows = [], []
-    for method in spec.methods:
+    trained: dict[tuple, MethodRun] = {}  # runs differing only in `selection` share one training run
+    for variant, method, overrides in spec.runs():
         for seed in spec.seeds:
-            options = dataclasses.asdict(make_options(method, (spec.options or {}).get(method)))
+            options = dataclasses.asdict(make_options(method, overrides))
             key = _reuse_key(method, seed, options, features)
             if key in stored:
-                log.info("%s seed %d: reusing the stored result row (same features, options and code)", method, seed)
-                rows.append(stored[key])
+                log.info("%s seed %d: reusing the stored result row (same features, options and code)", variant, seed)
+                rows.append({**stored[key], "variant": variant})
                 continue
-            seed_everything(seed)
-            run = run_method(method, features, seed, (spec.options or {}).get(method))
+            trajectory = (method, seed, stable_hash({k: v for k, v in options.items() if k != "selection"}))
+            previous = trained.get(trajectory)
+            if previous is not None and hasattr(previous.instance, "reselect"):
+                previous.instance.reselect(options["selection"])
+                run = evaluate_instance(previous.instance, features, seed, previous.seconds)
+                log.info("%s seed %d: selection %s from the same training run", variant, seed, options["selection"])
+            else:
+                seed_everything(seed)
+                run = run_method(method, features, seed, overrides)
+                trained[trajectory] = run
             selected = next((r["epoch"] for r in run.history if r.get("selected")), None)
             rows.append(make_row(
                 experiment=spec.experiment, method=method, dataset=features.meta.get("dataset", "?"),
                 model=features.meta.get("model", "?"), pretrained=features.meta.get("pretrained", "?"),
                 seed=seed, options=run.options, metrics=run.metrics, device=features.meta.get("device", "cpu"),
-                extra={"label_needs": run.label_needs, "seconds": run.seconds,
+                extra={"variant": variant, "label_needs": run.label_needs, "seconds": run.seconds,
                        "epochs_run": len(run.history), "selected_epoch": selected,
                        "group_names": features.group_names, "weights": features.meta.get("weights"),
                        "dataset_version": features.meta.get("dataset_version"), "code": code_hash()},
@@ -113,3 +150,23 @@ def run_experiment(spec: RunSpec, features: FeatureSet, write: bool = True, reus
         append_rows(new_rows, path)
         log.info("appended %d rows to %s", len(new_rows), path)
     return pd.DataFrame.from_records([flatten_row(r) for r in rows])
+
+
+def epoch_options(epochs: int) -> dict[str, dict[str, Any]]:
+    """Option overrides giving every projection-training method (and CFR's reference) ``epochs`` epochs."""
+    return {"clip_erm": {"epochs": epochs}, "cfr": {"epochs": epochs, "reference_epochs": epochs}}
+
+
+def run_grid(experiment: str, datasets: list[str], backbones: list[list[str]], methods: list[str], seeds: list[int],
+             options: dict[str, dict] | None = None, protocols: bool = True) -> pd.DataFrame:
+    """Every method x dataset x backbone x seed (and, with ``protocols``, both selection protocols).
+
+    ``backbones`` holds ``[model, pretrained]`` pairs.  Returns the rows of this grid.
+    """
+    frames = []
+    for dataset in datasets:
+        for model, pretrained in backbones:
+            features = prepare_features(dataset, model, pretrained)
+            variants = protocol_variants(methods, options) if protocols else {m: (m, (options or {}).get(m, {})) for m in methods}
+            frames.append(run_experiment(RunSpec(experiment, [], list(seeds), variants=variants), features))
+    return pd.concat(frames, ignore_index=True)

@@ -61,11 +61,12 @@ class FeatureSet:
     """
 
     splits: dict[str, SplitFeatures]
-    text: np.ndarray
+    text: np.ndarray | None  # None when only embeddings are known (npz)
     logit_scale: float
     n_groups: int
     class_names: list[str]
     group_names: list[str]
+    attr_names: list[str] | None = None
     W0: np.ndarray | None = None
     b0: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
@@ -221,6 +222,7 @@ def build_feature_set(
         n_groups=dataset.n_groups,
         class_names=list(dataset.class_names),
         group_names=list(dataset.group_names),
+        attr_names=list(dataset.attr_names),
         W0=W0.numpy(),
         b0=b0.numpy(),
         meta={"dataset": dataset.name, "model": loaded.name, "pretrained": loaded.pretrained,

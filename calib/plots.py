@@ -78,3 +78,29 @@ def group_accuracy_bars(df: pd.DataFrame, group_names: list[str], methods: list[
         ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def metric_bars(table: pd.DataFrame, label_col: str, metrics: dict[str, str], title: str = "") -> plt.Figure:
+    """Horizontal bars of ``<metric>_mean`` columns (in [0, 1]) per row of a summary table.
+
+    ``metrics`` maps a column prefix (e.g. ``"test.wga"``) to its legend label.
+    """
+    use_style()
+    n = len(table)
+    fig, ax = plt.subplots(figsize=(6.4, 0.35 * n * len(metrics) + 1.2))
+    height = 0.8 / len(metrics)
+    for k, (col, label) in enumerate(metrics.items()):
+        ys = np.arange(n) + (k - (len(metrics) - 1) / 2) * height
+        ax.barh(ys, table[f"{col}_mean"].to_numpy() * 100, height, xerr=table.get(f"{col}_std", 0) * 100,
+                capsize=2, label=label)
+    ax.set_yticks(np.arange(n), table[label_col])
+    ax.invert_yaxis()
+    ax.set_xlabel("test accuracy (%)")
+    ax.set_xlim(0, 100)
+    ax.grid(axis="x", alpha=0.3)
+    ax.grid(axis="y", visible=False)
+    ax.legend(loc="lower right")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig

@@ -16,7 +16,6 @@ log = logging.getLogger(__name__)
 TABLE_METRICS = ("test.avg_acc", "test.avg_acc_trainw", "test.wga")
 TABLE_HEADERS = {"test.avg_acc": "avg acc (plain)", "test.avg_acc_trainw": "avg acc (train-weighted)",
                  "test.wga": "worst-group acc", "seeds": "seeds"}
-README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def results_table(df: pd.DataFrame, metrics: tuple[str, ...] = TABLE_METRICS) -> pd.DataFrame:
@@ -39,28 +38,89 @@ def render_table(table: pd.DataFrame, fmt: str = "markdown", caption: str = "",
     raise ValueError(f"unknown table format {fmt!r}; use 'markdown' or 'latex'")
 
 
-def write_tables(table: pd.DataFrame, name: str, figures_dir: Path | None = None, caption: str = "") -> tuple[Path, Path]:
-    """Write ``<name>.md`` and ``<name>.tex`` next to the figures."""
+def write_tables(table: pd.DataFrame, name: str, figures_dir: Path | None = None, caption: str = "",
+                 render=None) -> tuple[Path, Path]:
+    """Write ``<name>.md`` and ``<name>.tex`` next to the figures (``render``: :func:`render_table`
+    by default, or :func:`render_main_table`)."""
+    render = render or render_table
     out = Path(figures_dir or paths.figures_dir())
     out.mkdir(parents=True, exist_ok=True)
     md, tex = out / f"{name}.md", out / f"{name}.tex"
-    md.write_text(render_table(table, "markdown"))
-    tex.write_text(render_table(table, "latex", caption))
+    md.write_text(render(table, "markdown"))
+    tex.write_text(render(table, "latex", caption))
     return md, tex
 
 
-def update_readme(experiment: str = "spurious_correlation", dataset: str = "toy", readme: Path | None = None) -> Path:
-    """Replace the block between the README's results markers with the current table."""
+PROTOCOLS = (("val_wga", "paper protocol"), ("val_worst_class", "no group labels"))
+
+
+def main_table(df: pd.DataFrame, metrics: tuple[str, ...] = ("test.avg_acc", "test.wga")) -> pd.DataFrame:
+    """One row per (dataset, model, method), the two selection protocols side by side.
+
+    "paper protocol": epochs / models selected by validation worst-group accuracy (the released
+    code's protocol).  "no group labels": selected by validation worst-class accuracy; methods that
+    need no selection appear with the same numbers in both; methods that read validation group
+    labels by construction (DFR) show "—" there.  Method names carry their intrinsic label marks.
+    """
+    from calib.methods import get_method_class
+
+    records = []
+    for (ds, model, method), part in df.groupby(["dataset", "model", "method"], sort=False):
+        needs = get_method_class(method).label_needs
+        rec = {"dataset": ds, "model": model, "method": f"{method}{LABEL_MARKS.get(needs, '')}"}
+        selection = part["options"].map(lambda o: o.get("selection") if isinstance(o, dict) else None)
+        for proto, label in PROTOCOLS:
+            sub = part[selection == proto] if selection.notna().any() else part
+            if proto != "val_wga" and needs == "val_groups":
+                sub = sub.iloc[0:0]
+            for m in metrics:
+                if len(sub):
+                    mean, std = sub[m].mean() * 100, (sub[m].std(ddof=1) * 100 if len(sub) > 1 else 0.0)
+                    rec[f"{label}: {TABLE_HEADERS.get(m, m)}"] = f"{mean:.1f} ± {std:.1f}"
+                    rec[f"{label}: {m}_mean"] = mean / 100
+                else:
+                    rec[f"{label}: {TABLE_HEADERS.get(m, m)}"] = "—"
+                    rec[f"{label}: {m}_mean"] = float("nan")
+        rec["seeds"] = int(part["seed"].nunique())
+        records.append(rec)
+    return pd.DataFrame(records)
+
+
+def render_main_table(table: pd.DataFrame, fmt: str = "markdown", caption: str = "") -> str:
+    """The main table (both protocols) as markdown or LaTeX, with the legend."""
+    cols = [c for c in table.columns if not c.endswith("_mean")]
+    legend = (LABEL_LEGEND + " Paper protocol: selection by validation worst-group accuracy (reads validation "
+              "group labels); no group labels: selection by validation worst-class accuracy.")
+    if fmt == "markdown":
+        return to_markdown(table, cols) + f"\n{legend}\n"
+    if fmt == "latex":
+        return to_latex(table, cols, caption=(caption + " " + legend).strip())
+    raise ValueError(f"unknown table format {fmt!r}; use 'markdown' or 'latex'")
+
+
+README_BLOCKS = {  # marker name -> (experiment, table renderer)
+    "results": ("spurious_correlation", lambda df: render_table(results_table(df), "markdown")),
+    "main-table": ("main_results", lambda df: render_main_table(main_table(df), "markdown")),
+}
+
+
+def update_readme(dataset: str = "toy", readme: Path | None = None) -> Path:
+    """Refresh every README block (``<!-- NAME:start -->`` ... ``<!-- NAME:end -->``) whose rows exist."""
     readme = readme or (paths.repo_root() or Path.cwd()) / "README.md"
-    df = load_results(experiment)
-    df = df[df["dataset"] == dataset]
-    if df.empty:
-        raise ValueError(f"no {experiment} rows for dataset {dataset!r}; run the notebooks first")
     text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        raise ValueError(f"{readme} lacks the markers {README_START} ... {README_END}")
-    block = render_table(results_table(df), "markdown")
-    new = re.sub(re.escape(README_START) + ".*?" + re.escape(README_END),
-                 lambda _: f"{README_START}\n{block}{README_END}", text, flags=re.S)
-    readme.write_text(new)
+    for name, (experiment, render) in README_BLOCKS.items():
+        start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+        if start not in text or end not in text:
+            raise ValueError(f"{readme} lacks the markers {start} ... {end}")
+        try:
+            df = load_results(experiment)
+        except FileNotFoundError:
+            log.warning("no %s rows yet; README block %r left as is", experiment, name)
+            continue
+        df = df[df["dataset"] == dataset]
+        if df.empty:
+            continue
+        block = render(df)
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{block}{end}", text, flags=re.S)
+    readme.write_text(text)
     return readme

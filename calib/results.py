@@ -24,6 +24,7 @@ from calib.utils import stable_hash
 log = logging.getLogger(__name__)
 
 KEY_FIELDS = ("experiment", "method", "dataset", "model", "pretrained", "seed", "options_hash")
+# a row's `variant` (ablation or protocol label) is part of its options, hence of options_hash
 
 
 def git_revision() -> str:

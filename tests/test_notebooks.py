@@ -12,10 +12,25 @@ from calib import paths
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 QUICK = {"dataset": "toy-quick", "pretrained": "toy-quick", "seeds": [0, 1], "epochs": 2}
+# notebook -> (fast parameters, figure stems it must write, results file it must append to or None)
+EXPECT = {
+    "00_quickstart": (QUICK, ["quickstart"], "quickstart"),
+    "01_spurious_correlation": (QUICK, ["spurious_correlation"], "spurious_correlation"),
+    "02_last_layer_retraining": (QUICK, ["last_layer_retraining"], "last_layer_retraining"),
+    "03_main_results": ({"datasets": ["toy-quick"], "backbones": [["calib-toy-vit", "toy-quick"]], "seeds": [0, 1],
+                         "epochs": 2}, ["main_results"], "main_results"),
+    "04_ablations": ({**QUICK, "seeds": [0], "ablations": ["CFR (default)", "regulariser: none",
+                                                           "released behaviour (faithful_release)"]},
+                     ["ablations"], "ablations"),
+    "05_feature_geometry": ({k: v for k, v in QUICK.items() if k != "seeds"}, ["feature_geometry", "calibration_set"],
+                            None),
+}
 
 
 def test_there_are_notebooks():
-    assert [p.name for p in NOTEBOOKS][:2] == ["00_quickstart.ipynb", "01_spurious_correlation.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == ["00_quickstart.ipynb", "01_spurious_correlation.ipynb",
+                                           "02_last_layer_retraining.ipynb", "03_main_results.ipynb",
+                                           "04_ablations.ipynb", "05_feature_geometry.ipynb"]
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
@@ -42,19 +57,25 @@ def test_colab_badge_points_at_this_notebook(nb):
                           for repo, path in badges)
 
 
+def test_every_notebook_has_expectations():
+    assert sorted(EXPECT) == [p.stem for p in NOTEBOOKS]
+
+
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_executes(nb, tmp_path, toy_features):
+    params, stems, results = EXPECT[nb.stem]
     out = tmp_path / nb.name
     # a different working directory: paths must not depend on it
-    pm.execute_notebook(str(nb), str(out), parameters=QUICK, kernel_name="python3", cwd=str(tmp_path),
+    pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name="python3", cwd=str(tmp_path),
                         progress_bar=False)
     executed = nbformat.read(out, as_version=4)
     errors = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
     figs = paths.figures_dir()
-    stem = "quickstart" if nb.stem.startswith("00") else "spurious_correlation"
-    assert (figs / f"{stem}_toy-quick_calib-toy-vit.png").is_file()
-    assert (figs / f"{stem}_toy-quick_calib-toy-vit.pdf").is_file()
-    rows = [json.loads(line) for line in (paths.results_dir() / f"{stem}.jsonl").read_text().splitlines()]
-    assert {r["seed"] for r in rows} == {0, 1}
+    for stem in stems:
+        assert (figs / f"{stem}_toy-quick_calib-toy-vit.png").is_file(), stem
+        assert (figs / f"{stem}_toy-quick_calib-toy-vit.pdf").is_file(), stem
+    if results:
+        rows = [json.loads(line) for line in (paths.results_dir() / f"{results}.jsonl").read_text().splitlines()]
+        assert {r["seed"] for r in rows} >= set(params.get("seeds", [0]))
     assert not list(tmp_path.glob("*.png"))  # nothing written to the working directory

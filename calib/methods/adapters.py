@@ -63,7 +63,7 @@ class ContrastiveAdapter(ProjectionMethod):
     name = "contrastive_adapter"
     Options = AdapterOptions
     summary = "contrastive adapter on frozen embeddings (hard zero-shot samples as anchors)"
-    uses = ("z", "train")
+    uses = ("z", "text", "train")
 
     def inputs(self, split: SplitFeatures) -> np.ndarray:
         return split.z
@@ -126,7 +126,7 @@ class UMFC(Method):
     name = "umfc"
     Options = UMFCOptions
     summary = "training-free feature calibration with k-means clusters (alpha, beta fixed, never tuned on test)"
-    uses = ("z",)
+    uses = ("z", "text")
 
     def fit(self, data: FeatureSet, seed: int) -> None:
         o = self.options

@@ -6,8 +6,8 @@ A method is a class with
 - ``Options``: a dataclass of typed, documented options whose defaults are the paper's settings;
 - ``label_needs``: which group labels it reads: ``"none"``, ``"val_groups"`` (validation group
   labels, e.g. for model selection or DFR) or ``"train_groups"`` (an oracle);
-- ``uses``: which cached arrays it needs (``"z"`` final embeddings, ``"h"`` pre-projection
-  features, ``"train"`` the training split);
+- ``uses``: what it needs (``"z"`` final embeddings, ``"h"`` pre-projection features,
+  ``"text"`` the zero-shot head's class prototypes, ``"train"`` the training split);
 - ``fit(data, seed)`` and ``logits(split) -> [n, C]``.
 
 :func:`run_method` fits a registered method and evaluates it on every split.
@@ -123,18 +123,32 @@ class MethodRun:
     instance: Method
 
 
+def check_inputs(name: str, uses: tuple[str, ...], data: FeatureSet) -> None:
+    """Raise a clear error when ``data`` lacks something method ``name`` uses."""
+    if "h" in uses and any(s.h is None for s in data.splits.values()):
+        raise ValueError(f"method {name!r} trains the image projection and needs pre-projection features (h); "
+                         "these features only hold final embeddings (e.g. an embeddings npz)")
+    if "text" in uses and data.text is None:
+        raise ValueError(f"method {name!r} uses CLIP's zero-shot head (text prototypes), which these features "
+                         "do not have (e.g. an embeddings npz)")
+    if "train" in uses and "train" not in data.splits:
+        raise ValueError(f"method {name!r} needs a training split; the features have {sorted(data.splits)}")
+
+
 def run_method(name: str, data: FeatureSet, seed: int = 0, options: dict[str, Any] | None = None,
                splits: tuple[str, ...] | None = None) -> MethodRun:
     """Fit method ``name`` on ``data`` with ``seed`` and evaluate it on ``splits`` (default: all present)."""
     method = get_method_class(name)(make_options(name, options))
-    missing = [u for u in method.uses if u == "h" and any(s.h is None for s in data.splits.values())]
-    if missing:
-        raise ValueError(f"method {name!r} needs pre-projection features (h); these features only have embeddings")
-    if "train" in method.uses and "train" not in data.splits:
-        raise ValueError(f"method {name!r} needs a training split; the features have {sorted(data.splits)}")
+    check_inputs(name, method.uses, data)
     t0 = time.perf_counter()
     method.fit(data, seed)
-    seconds = time.perf_counter() - t0
+    return evaluate_instance(method, data, seed, time.perf_counter() - t0, splits)
+
+
+def evaluate_instance(method: Method, data: FeatureSet, seed: int, seconds: float,
+                      splits: tuple[str, ...] | None = None) -> MethodRun:
+    """Metrics of a fitted method on ``splits`` (default: all present)."""
+    name = method.name
     metrics, preds = {}, {}
     for split in splits or tuple(data.splits):
         feats = data.splits[split]

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -101,6 +101,27 @@ class CFROptions:
                                  dropout=dropout, selection=self.selection, device=self.device)
 
 
+_REFERENCES: dict[tuple, tuple[dict, list[dict]]] = {}
+
+
+def reference_erm(data: FeatureSet, opts: ProjectionOptions, seed: int) -> tuple[ProjectionHead, list[dict]]:
+    """The CLIP+ERM reference head, trained once per (features, options, seed) in this process."""
+    key = (data.meta.get("weights"), data.meta.get("dataset_version"), id(data) if not data.meta else None,
+           tuple(sorted(asdict(opts).items())), seed)
+    device = resolve_device(opts.device)
+    if key not in _REFERENCES:
+        tr = data.splits["train"]
+        h, y = torch.tensor(tr.h, device=device), torch.tensor(tr.y, device=device)
+        head, hist = fit_projection(data, opts, seed, lambda hd, idx, epoch: F.cross_entropy(hd(h[idx]), y[idx]))
+        if len(_REFERENCES) >= 8:  # bounded memory; enough for ablations over a few seeds
+            _REFERENCES.pop(next(iter(_REFERENCES)))
+        _REFERENCES[key] = ({k: v.detach().clone() for k, v in head.state_dict().items()}, hist)
+    state, hist = _REFERENCES[key]
+    head = ProjectionHead(data.W0, data.b0, data.text, data.logit_scale, opts.train_logit_scale).to(device)
+    head.load_state_dict(state)
+    return head.eval(), hist
+
+
 def loss_weight(epoch: int, epochs: int, opts: CFROptions) -> float:
     """c(e): the cosine schedule, or the constant (always the constant under ``faithful_release``)."""
     if opts.weight_schedule == "constant" or opts.faithful_release:
@@ -146,11 +167,9 @@ class CFR(ProjectionMethod):
         y = torch.tensor(tr.y, device=device)
         gen = torch.Generator().manual_seed(seed + 1)  # sampling stream, separate from the batch order
 
-        # 1. reference model
+        # 1. reference model (memoised: it is exactly the CLIP+ERM run of this seed and these settings)
         if o.reference == "erm":
-            ref_head, self.reference_history = fit_projection(
-                data, o.projection_options(o.reference_epochs, 0.0), seed,
-                lambda head, idx, epoch: F.cross_entropy(head(h[idx]), y[idx]))
+            ref_head, self.reference_history = reference_erm(data, o.projection_options(o.reference_epochs, 0.0), seed)
         else:
             ref_head = ProjectionHead(data.W0, data.b0, data.text, data.logit_scale).to(device).eval()
             self.reference_history = []
@@ -189,33 +208,33 @@ class CFR(ProjectionMethod):
                 pos_idx = nearest(ref_emb[cal_t[rows]], ref_emb[pool], o.positives)
                 self.nearest_positives[rows] = pool[_pad(pos_idx, o.positives, gen)]
 
+        # uniform draws from per-class pools, vectorised: pool c is flat[offset[c] : offset[c] + size[c]]
+        pos_flat, pos_off, pos_size = _flatten_pools([pools[c] for c in range(data.n_classes)])
+        same_flat, same_off, same_size = _flatten_pools([torch.nonzero(y == c).flatten() for c in range(data.n_classes)])
+
+        def draw(flat: torch.Tensor, off: torch.Tensor, size: torch.Tensor, cls: torch.Tensor, k: int) -> torch.Tensor:
+            u = torch.rand(len(cls), k, generator=gen).to(device)
+            return flat[off[cls, None] + (u * size[cls, None]).long().clamp(max=size[cls, None] - 1)]
+
         def positives_for(anchor_rows: torch.Tensor) -> torch.Tensor:
             if o.positive_rule == "nearest":
                 return self.nearest_positives[anchor_rows]
-            out = torch.empty(len(anchor_rows), o.positives, dtype=torch.long, device=device)
-            for c, pool in pools.items():
-                mask = cal_y[anchor_rows] == c
-                if mask.any():
-                    draw = torch.randint(len(pool), (int(mask.sum()), o.positives), generator=gen).to(device)
-                    out[mask] = pool[draw]
-            return out
+            return draw(pos_flat, pos_off, pos_size, cal_y[anchor_rows], o.positives)
 
         def negatives_for(anchor_rows: torch.Tensor) -> torch.Tensor:
             if o.negative_rule == "hard" and not o.faithful_release:
                 return self.hard_negatives[anchor_rows]
             # the release computes hard negatives, then overwrites them with random same-class samples
-            out = torch.empty(len(anchor_rows), o.negatives, dtype=torch.long, device=device)
-            for c in range(data.n_classes):
-                mask = cal_y[anchor_rows] == c
-                if mask.any():
-                    same = torch.nonzero(y == c).flatten()
-                    out[mask] = same[torch.randint(len(same), (int(mask.sum()), o.negatives), generator=gen).to(device)]
-            return out
+            return draw(same_flat, same_off, same_size, cal_y[anchor_rows], o.negatives)
+
+        # kept for inspection: (calibration-set rows) -> training indices [rows, P] / [rows, N]
+        self.sample_positives, self.sample_negatives = positives_for, negatives_for
 
         # 4. the loss
         tsc = TSCLoss(data.text.shape[1], data.n_classes, o.tsc_queue, o.tsc_temperature, o.tsc_target_weight,
                       seed).to(device) if o.regularizer == "tsc" else None
         n_cal = len(cal)
+        big_projection = data.W0.size >= 1 << 16
         cal_order = {"perm": torch.randperm(n_cal, generator=gen), "epoch": -1}
 
         def step_loss(head: ProjectionHead, idx: torch.Tensor, epoch: int) -> torch.Tensor:
@@ -226,10 +245,12 @@ class CFR(ProjectionMethod):
             cal_order["pos"] = start + len(idx)
             anchors = cal_t[rows]
             pos, neg = positives_for(rows), negatives_for(rows)
-            # project every row needed by this step once
             need = torch.cat([idx, anchors, pos.flatten(), neg.flatten()])
-            uniq, inverse = torch.unique(need, return_inverse=True)
-            emb = head.embed(h[uniq])[inverse]
+            if big_projection:  # project each distinct row once (same result, fewer FLOPs for real CLIP sizes)
+                uniq, inverse = torch.unique(need, return_inverse=True)
+                emb = head.embed(h[uniq])[inverse]
+            else:  # small maps: the gather-and-scatter costs more than the duplicate rows
+                emb = head.embed(h[need])
             b, p_n = len(idx), pos.numel()
             e_reg, e_anc = emb[:b], emb[b:2 * b]
             e_pos = emb[2 * b:2 * b + p_n].view(*pos.shape, -1)
@@ -262,6 +283,13 @@ class CFR(ProjectionMethod):
             keep = (torch.rand(e.shape, generator=self.eval_gen) >= head.dropout.p).to(e.device)
             e = e * keep / (1 - head.dropout.p)
             return (head.log_s.exp() * e @ head.text.T).cpu().numpy()
+
+
+def _flatten_pools(pools: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Concatenate index pools; return (flat, offsets [C], sizes [C])."""
+    sizes = torch.tensor([len(p) for p in pools], device=pools[0].device)
+    offsets = torch.cumsum(sizes, 0) - sizes
+    return torch.cat(pools), offsets, sizes
 
 
 def _pad(idx: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:

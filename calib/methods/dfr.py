@@ -29,9 +29,12 @@ from calib.metrics import worst_group_accuracy
 C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
 
 
-def l1_logistic(C: float) -> LogisticRegression:
-    """L1-penalised logistic regression with liblinear (``l1_ratio=1``: sklearn >= 1.8 spelling)."""
-    return LogisticRegression(C=C, l1_ratio=1.0, solver="liblinear")
+def l1_logistic(C: float, rng: np.random.Generator) -> LogisticRegression:
+    """L1-penalised logistic regression with liblinear (``l1_ratio=1``: sklearn >= 1.8 spelling).
+
+    liblinear shuffles coordinates; its seed is drawn from ``rng`` (the originals left it unseeded).
+    """
+    return LogisticRegression(C=C, l1_ratio=1.0, solver="liblinear", random_state=int(rng.integers(2**31 - 1)))
 
 
 def balanced_subsample(g: np.ndarray, rng: np.random.Generator, n_groups: int | None = None) -> np.ndarray:
@@ -52,7 +55,7 @@ def tune_c(x: np.ndarray, y: np.ndarray, g: np.ndarray, n_groups: int, rng: np.r
     scaler = StandardScaler().fit(x[fit])
     scores = {}
     for c in grid:
-        clf = l1_logistic(c).fit(scaler.transform(x[fit]), y[fit])
+        clf = l1_logistic(c, rng).fit(scaler.transform(x[fit]), y[fit])
         scores[c] = worst_group_accuracy(clf.predict(scaler.transform(x[held])), y[held], g[held], n_groups)
     best = list(scores)[int(np.argmax(list(scores.values())))]
     return best, scores
@@ -88,7 +91,7 @@ class DFR(Method):
         coefs, intercepts = [], []
         for _ in range(self.options.n_retrains):
             idx = balanced_subsample(g, rng, data.n_groups)
-            clf = l1_logistic(self.C).fit(self.scaler.transform(x[idx]), y[idx])
+            clf = l1_logistic(self.C, rng).fit(self.scaler.transform(x[idx]), y[idx])
             coefs.append(clf.coef_)
             intercepts.append(clf.intercept_)
         self.coef = np.mean(coefs, axis=0)  # [1, d] for two classes, [C, d] otherwise

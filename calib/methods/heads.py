@@ -26,7 +26,7 @@ class ZeroShot(Method):
 
     name = "zeroshot"
     summary = "zero-shot CLIP with the 80-template prompt ensemble"
-    uses = ("z",)
+    uses = ("z", "text")
 
     def fit(self, data: FeatureSet, seed: int) -> None:
         self.text, self.scale = data.text, data.logit_scale

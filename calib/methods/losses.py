@@ -90,16 +90,20 @@ class TSCLoss(nn.Module):
     def forward(self, q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``q [B, d]`` normalised features, ``labels [B]``."""
         target_of_class = self._assign(q.detach(), labels)
+        t = self.temperature
         keys = torch.cat([self.queue, self.targets]).detach()
-        logits = torch.cat([(q * q).sum(1, keepdim=True), q @ keys.T], dim=1) / self.temperature  # [B, 1+K+C]
-        log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-        k = len(self.queue)
+        self_logit = (q * q).sum(1) / t  # [B]
+        lse = torch.logsumexp(torch.cat([self_logit[:, None], q @ keys.T / t], dim=1), dim=1)  # [B], over 1+K+C
+        # log_prob = logit - lse, so each sum over positives is one masked matmul minus count * lse
         class_pos = (labels[:, None] == self.queue_labels[None, :]).float()  # [B, K]
-        target_pos = F.one_hot(target_of_class[labels], self.n_classes).float()  # [B, C]
-        denom = 1.0 + class_pos.sum(1) + target_pos.sum(1)  # self + queue positives + target
-        loss_class = -((class_pos * log_prob[:, 1:1 + k]).sum(1) / denom).mean()
-        loss_target = -((target_pos * log_prob[:, 1 + k:]).sum(1) / denom).mean()
-        loss_self = -log_prob[:, 0].mean()
+        n_class = class_pos.sum(1)
+        sum_class = (q * (class_pos @ self.queue) / t).sum(1) - n_class * lse
+        target = self.targets[target_of_class[labels]]  # [B, d]: each sample's class target
+        sum_target = (q * target).sum(1) / t - lse
+        denom = 2.0 + n_class  # self + queue positives + the target
+        loss_class = -(sum_class / denom).mean()
+        loss_target = -(sum_target / denom).mean()
+        loss_self = -(self_logit - lse).mean()
         self._enqueue(q.detach(), labels)
         return loss_class + self.target_weight * loss_target + loss_self
 

@@ -10,6 +10,7 @@ selects an epoch by one of :data:`SELECTION_RULES`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -140,7 +141,8 @@ def fit_head(
     h_val = torch.as_tensor(inputs(val), device=device) if val is not None else None
     if opts.selection != "last" and val is None:
         raise ValueError(f"selection {opts.selection!r} needs a validation split")
-    best_score, best_state, best_epoch, history = -np.inf, None, 0, []
+    best = {rule: (-np.inf, None, 0) for rule in SELECTION_RULES}  # rule -> (score, state, epoch)
+    history = []
     for epoch in range(opts.epochs):
         head.train()
         losses = []
@@ -159,23 +161,41 @@ def fit_head(
             rec["val_worst_class"] = worst_class_accuracy(pred, val.y, data.n_classes)
             rec["val_acc"] = float(np.mean(pred == val.y))
         history.append(rec)
-        score = epoch if opts.selection == "last" else rec[opts.selection]
-        if score > best_score:  # strict: ties keep the earlier epoch
-            best_score, best_state, best_epoch = score, copy.deepcopy(head.state_dict()), epoch
-    if history:
-        history[best_epoch]["selected"] = True
-    head.load_state_dict(best_state)
-    head.eval()
+        for rule in SELECTION_RULES:  # every rule's choice is kept: a protocol change needs no re-training
+            if rule != "last" and val is None:
+                continue
+            score = epoch if rule == "last" else rec[rule]
+            if score > best[rule][0]:  # strict: ties keep the earlier epoch
+                best[rule] = (score, copy.deepcopy(head.state_dict()), epoch)
+    head.selected_states = {rule: (state, epoch) for rule, (_, state, epoch) in best.items() if state is not None}
+    select_state(head, history, opts.selection)
     return head, history
+
+
+def select_state(head: nn.Module, history: list[dict], rule: str) -> None:
+    """Load the epoch ``rule`` chose during :func:`fit_head` and mark it ``selected`` in ``history``."""
+    if rule not in head.selected_states:
+        raise ValueError(f"selection {rule!r} was not tracked (no validation split?)")
+    state, epoch = head.selected_states[rule]
+    head.load_state_dict(state)
+    head.eval()
+    for rec in history:
+        rec.pop("selected", None)
+    history[epoch]["selected"] = True
 
 
 class ProjectionMethod(Method):
     """Shared prediction for methods whose result is a trained torch head (``self.head``)."""
 
-    uses = ("h", "train")
+    uses = ("h", "text", "train")
 
     def required_labels(self) -> str:
         return SELECTION_RULES[self.options.selection] if self.label_needs == "none" else self.label_needs
+
+    def reselect(self, rule: str) -> None:
+        """Switch to the epoch another selection rule chose in the same training run."""
+        select_state(self.head, self.history, rule)
+        self.options = dataclasses.replace(self.options, selection=rule)
 
     def inputs(self, split: SplitFeatures) -> np.ndarray:
         """What the trained head consumes: pre-projection features ``h``."""

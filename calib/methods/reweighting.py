@@ -91,12 +91,13 @@ class AFR(Method):
 
 
 class LinearHead(nn.Module):
-    """A linear classifier on normalised embeddings, initialised at the zero-shot head ``s * T``."""
+    """A linear classifier on normalised embeddings, trained from zero (a head started at the
+    zero-shot ``s * T`` saturates the loss when ``s`` is CLIP's 100 and barely moves)."""
 
-    def __init__(self, text: np.ndarray, scale: float):
+    def __init__(self, n_classes: int, dim: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.as_tensor(text * scale, dtype=torch.float32).clone())
-        self.bias = nn.Parameter(torch.zeros(len(text)))
+        self.weight = nn.Parameter(torch.zeros(n_classes, dim))
+        self.bias = nn.Parameter(torch.zeros(n_classes))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return F.normalize(z, dim=-1) @ self.weight.T + self.bias
@@ -144,6 +145,7 @@ class GroupDRO(ProjectionMethod):
             return (q * group_loss).sum()
 
         torch.manual_seed(seed)
-        self.head, self.history = fit_head(LinearHead(data.text, data.logit_scale), data, self.options, seed, loss,
+        head = LinearHead(data.n_classes, z.shape[1])
+        self.head, self.history = fit_head(head, data, self.options, seed, loss,
                                            self.inputs, optimizer="adam")
         self.group_weights = q.cpu().numpy().tolist()

@@ -1,0 +1,64 @@
+"""Feature geometry before and after CFR: 2-D projections and the calibration set's composition."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from sklearn.decomposition import PCA
+
+from calib.features import FeatureSet
+from calib.methods.heads import normalize
+from calib.plots import use_style
+
+
+def embeddings_after(method_instance, features: FeatureSet, split: str = "test") -> np.ndarray:
+    """Normalised embeddings ``[n, d]`` of ``split`` under a trained projection method's head."""
+    head = method_instance.head
+    with torch.no_grad():
+        h = torch.as_tensor(features.splits[split].h, device=next(head.parameters()).device)
+        return head.embed(h).cpu().numpy()
+
+
+def project_2d(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """PCA to 2-D of normalised rows ``[n, d] -> [n, 2]`` (deterministic: full SVD)."""
+    return PCA(n_components=2, svd_solver="full", random_state=seed).fit_transform(normalize(x))
+
+
+def geometry_figure(before: np.ndarray, after: np.ndarray, y: np.ndarray, a: np.ndarray,
+                    class_names: list[str], attr_names: list[str], max_points: int = 3000, seed: int = 0) -> plt.Figure:
+    """2x2 panels: PCA of embeddings before / after, coloured by class (top) and by spurious attribute (bottom)."""
+    use_style()
+    rng = np.random.default_rng(seed)
+    keep = rng.permutation(len(y))[:max_points]
+    fig, axes = plt.subplots(2, 2, figsize=(8, 7))
+    for col, (title, emb) in enumerate((("before (pretrained projection)", before), ("after CFR", after))):
+        pts = project_2d(emb, seed)[keep]
+        for row, (labels, names, what) in enumerate(((y[keep], class_names, "class"), (a[keep], attr_names, "spurious attribute"))):
+            ax = axes[row, col]
+            for k, name in enumerate(names):
+                m = labels == k
+                ax.scatter(pts[m, 0], pts[m, 1], s=4, alpha=0.5, label=name)
+            ax.set_title(f"{title}\ncoloured by {what}", fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.grid(False)
+            ax.legend(markerscale=3, loc="best", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def composition_figure(counts: list[int], train_counts: list[int], group_names: list[str]) -> plt.Figure:
+    """Per-group size of the calibration set next to the share of each training group it holds."""
+    use_style()
+    counts, train_counts = np.asarray(counts), np.asarray(train_counts)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 3))
+    ax1.bar(group_names, counts)
+    ax1.set_ylabel("calibration samples")
+    ax1.set_title(f"calibration set ({counts.sum()} samples)")
+    ax2.bar(group_names, 100 * counts / np.maximum(train_counts, 1))
+    ax2.set_ylabel("% of the training group")
+    ax2.set_title("share of each training group")
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    fig.tight_layout()
+    return fig
