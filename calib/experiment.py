@@ -115,7 +115,7 @@ def run_experiment(spec: RunSpec, features: FeatureSet, write: bool = True, reus
             key = (row["method"], row["seed"], row["options_hash"], row.get("weights"), row.get("dataset_version"),
                    row.get("code"))
             stored[key] = row
-    rows, new_rows = [], []
+    rows = []
     trained: dict[tuple, MethodRun] = {}  # runs differing only in `selection` share one training run
     for variant, method, overrides in spec.runs():
         for seed in spec.seeds:
@@ -145,10 +145,8 @@ def run_experiment(spec: RunSpec, features: FeatureSet, write: bool = True, reus
                        "group_names": features.group_names, "weights": features.meta.get("weights"),
                        "dataset_version": features.meta.get("dataset_version"), "code": code_hash()},
             ))
-            new_rows.append(rows[-1])
-    if write and new_rows:
-        append_rows(new_rows, path)
-        log.info("appended %d rows to %s", len(new_rows), path)
+            if write:  # one row at a time: an interrupted experiment resumes where it stopped
+                append_rows([rows[-1]], path)
     return pd.DataFrame.from_records([flatten_row(r) for r in rows])
 
 

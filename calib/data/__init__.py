@@ -1,4 +1,4 @@
-"""Datasets: the Waterbirds layout reader and the built-in toy benchmark.
+"""Datasets: Waterbirds, CelebA, MetaShift and CheXpert readers, and the built-in toy benchmark.
 
 :func:`load_dataset` is the one entry point: ``load_dataset("waterbirds", root)``.
 """
@@ -6,12 +6,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from functools import partial
+
 from calib.data.base import SPLITS, DatasetLayoutError, GroupDataset, SplitTable
+from calib.data.celeba import load_celeba
+from calib.data.chexpert import load_chexpert
+from calib.data.metashift import load_metashift
 from calib.data.toy import ToyConfig, make_toy_waterbirds
 from calib.data.waterbirds import load_waterbirds
 
-# name -> loader(root, check_files) ; more datasets join here.
-LOADERS = {"waterbirds": load_waterbirds}
+# name -> loader(root, check_files)
+LOADERS = {
+    "waterbirds": load_waterbirds,
+    "celeba": load_celeba,
+    "metashift": load_metashift,
+    "chexpert": load_chexpert,  # attribute sex x race (12 groups)
+    "chexpert-sex": partial(load_chexpert, name="chexpert-sex", attribute="sex"),
+}
 
 
 def load_dataset(name: str, root: Path, check_files: bool = True) -> GroupDataset:
