@@ -4,19 +4,29 @@
 # notebooks/executed/ (git-ignored), figures and tables to figures/, result rows to results/.
 #
 # Usage: ./run_all.sh [--use-current-env] [--quick] [--only NN]
+#        ./run_all.sh --profile paper --data-dir DIR [--dry-run]
 #   --use-current-env  use the current Python environment (conda, Colab) instead of ./.venv
 #   --quick            smoke run: 4% toy benchmark, seconds-long toy CLIP, 1 seed, few epochs
 #   --only NN          run only notebooks whose name starts with NN (e.g. 01)
+#   --profile paper    real datasets under DIR/{waterbirds,celeba,metashift,chexpert} x CLIP RN50 and ViT-L/14
+#                      (OpenAI weights) x every method x 5 seeds; missing datasets are skipped with one line
+#   --dry-run          (paper profile) list what would run and its estimated GPU hours, run nothing
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 quick=0
 only=""
+profile=toy
+data_dir_arg=""
+dry=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --use-current-env) export CALIB_USE_CURRENT_ENV=1 ;;
     --quick) quick=1 ;;
     --only) only="$2"; shift ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    --profile) profile="$2"; shift ;;
+    --data-dir) data_dir_arg="$2"; shift ;;
+    --dry-run) dry=1 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -31,6 +41,39 @@ t=$SECONDS; calib_bootstrap "$ROOT"; stage "environment set-up" $((SECONDS - t))
 export CALIB_HOME="${CALIB_HOME:-$ROOT}"
 export PYTHONHASHSEED=0
 cd "$ROOT"
+
+if [ "$profile" = paper ]; then
+  [ -n "$data_dir_arg" ] || { echo "--profile paper needs --data-dir DIR" >&2; exit 2; }
+  data_dir_arg="$(cd "$data_dir_arg" && pwd)"
+  "$PY" -m calib plan --profile paper --data-dir "$data_dir_arg"
+  [ "$dry" = 1 ] && exit 0
+  export CALIB_DATA_DIR="$data_dir_arg"
+  mkdir -p notebooks/executed
+  mapfile -t runs < <("$PY" -c 'import sys; from pathlib import Path; from calib.plan import paper_plan
+for r in paper_plan(Path(sys.argv[1])).rows: print(r.dataset, r.model, r.pretrained)' "$data_dir_arg")
+  [ ${#runs[@]} -gt 0 ] || { echo "[calib] no paper dataset found under $data_dir_arg" >&2; exit 1; }
+  datasets_yaml="[$(printf '%s\n' "${runs[@]}" | cut -d' ' -f1 | sort -u | paste -sd, -)]"
+  backbones_yaml="[$(printf '%s\n' "${runs[@]}" | cut -d' ' -f2,3 | sort -u | sed 's/ /, /; s/^/[/; s/$/]/' | paste -sd, -)]"
+  for run in "${runs[@]}"; do
+    read -r ds model pre <<< "$run"
+    t=$SECONDS; "$PY" -m calib extract --dataset "$ds" --model "$model" --pretrained "$pre"
+    stage "extract $ds / $model" $((SECONDS - t))
+    for nb in notebooks/0[01245]_*.ipynb; do
+      name="$(basename "$nb" .ipynb)"
+      t=$SECONDS
+      "$PY" -m papermill --log-level WARNING -k python3 "$nb" "notebooks/executed/${name}__${ds}__${model}.ipynb" \
+        -y "{dataset: $ds, model: $model, pretrained: $pre, seeds: [0, 1, 2, 3, 4]}"
+      stage "notebook $name ($ds / $model)" $((SECONDS - t))
+    done
+  done
+  t=$SECONDS
+  "$PY" -m papermill --log-level WARNING -k python3 notebooks/03_main_results.ipynb \
+    notebooks/executed/03_main_results__paper.ipynb -y "{datasets: $datasets_yaml, backbones: $backbones_yaml}"
+  stage "notebook 03_main_results (paper)" $((SECONDS - t))
+  echo "[calib] paper profile done in $SECONDS s; figures in $ROOT/figures"
+  exit 0
+fi
+[ "$dry" = 1 ] && { echo "--dry-run applies to --profile paper" >&2; exit 2; }
 
 if [ "$quick" = 1 ]; then
   dataset=toy-quick; pretrained=toy-quick

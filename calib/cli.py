@@ -8,6 +8,8 @@
     python -m calib evaluate --embeddings FILE.npz --method NAME [--seed N] [--option K=V] [--json]
     python -m calib export --dataset NAME --model M --pretrained P --out FILE.npz
     python -m calib bench methods [--dataset synthetic|toy] [--method NAME] [--seeds 0 1]
+    python -m calib bench throughput --model RN50 [--pretrained random] [--device cuda] [--batch-size 64]
+    python -m calib plan --profile paper --data-dir DIR [--full-size] [--json]
     python -m calib report readme [--dataset toy]
 
 Exit status: 0 on success, 2 on bad input (wrong layout, unknown name), with one clear message.
@@ -81,14 +83,25 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     from calib.features import get_split_features, get_text_prototypes
     from calib.models import load_clip
 
-    ds = prepare_dataset(args.dataset, args.root)
-    loaded = load_clip(args.model, args.pretrained, device=args.device)
-    for split in args.split or list(ds.splits):
-        if split not in ds.splits:
-            raise ValueError(f"unknown split {split!r}; {ds.name} has {sorted(ds.splits)}")
-        feats = get_split_features(loaded, ds, split, batch_size=args.batch_size, num_workers=args.num_workers)
-        print(f"{ds.name}/{split}: h {tuple(feats.h.shape)}, z {tuple(feats.z.shape)}")
-    get_text_prototypes(loaded, ds.class_names)
+    from calib.distributed import distributed_context
+
+    with distributed_context(args.device) as (rank, world, device):
+        ds = prepare_dataset(args.dataset, args.root) if rank == 0 else None
+        if world > 1:  # rank 0 may have to write the toy benchmark first
+            import torch.distributed as dist
+
+            dist.barrier()
+            ds = ds or prepare_dataset(args.dataset, args.root)
+        loaded = load_clip(args.model, args.pretrained, device=device)
+        for split in args.split or list(ds.splits):
+            if split not in ds.splits:
+                raise ValueError(f"unknown split {split!r}; {ds.name} has {sorted(ds.splits)}")
+            feats = get_split_features(loaded, ds, split, batch_size=args.batch_size, num_workers=args.num_workers)
+            if rank == 0:
+                print(f"{ds.name}/{split}: h {tuple(feats.h.shape)}, z {tuple(feats.z.shape)} "
+                      f"({world} process{'es' if world > 1 else ''})")
+        if rank == 0:
+            get_text_prototypes(loaded, ds.class_names)
     return 0
 
 
@@ -151,6 +164,43 @@ def _cmd_bench_methods(args: argparse.Namespace) -> int:
     print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if args.json:
         Path(args.json).write_text(df.to_json(orient="records", indent=2))
+    return 0
+
+
+def _cmd_bench_throughput(args: argparse.Namespace) -> int:
+    import torch
+
+    from calib.models import load_clip
+    from calib.throughput import as_dict, measure
+
+    torch.manual_seed(0)
+    loaded = load_clip(args.model, args.pretrained, device=args.device)
+    t = measure(loaded, batch_size=args.batch_size, n_files=args.files, num_workers=args.num_workers,
+                amp=None if args.amp == "auto" else args.amp == "on", seconds=args.seconds)
+    if args.json:
+        print(json.dumps(as_dict(t), indent=2))
+        return 0
+    peak = (f"{100 * t.fraction_of_peak:.1f}% of the {t.peak_bf16_tflops:.0f} TFLOP/s bf16 peak"
+            if t.fraction_of_peak is not None else "peak unknown for this device")
+    print(f"{t.model} on {t.device} ({t.device_name}), batch {t.batch_size}, {t.image_size} px, "
+          f"{'bf16 autocast' if t.amp else 'fp32'}:\n"
+          f"  model-bound    {t.model_bound_img_s:9.1f} img/s  (in-memory tensors)\n"
+          f"  pipeline-bound {t.pipeline_bound_img_s:9.1f} img/s  (500x375 JPEG files through the DataLoader)\n"
+          f"  {t.gflop_per_image:.2f} GFLOP/img -> {t.achieved_tflops:.3f} TFLOP/s model-bound; {peak}")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from calib.plan import full_size_plan, paper_plan
+
+    plan = full_size_plan() if args.full_size else paper_plan(Path(args.data_dir))
+    if args.json:
+        print(json.dumps({"rows": [asdict(r) for r in plan.rows], "skipped": plan.skipped,
+                          "gpu_hours": plan.gpu_hours}, indent=2))
+    else:
+        print(plan.render())
     return 0
 
 
@@ -228,6 +278,25 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--seeds", type=int, nargs="+", default=[0])
     bm.add_argument("--json", default=None, help="also write the timings to this JSON file")
     bm.set_defaults(func=_cmd_bench_methods)
+
+    bt = bn.add_parser("throughput", help="feature-extraction images/s, model- and pipeline-bound")
+    bt.add_argument("--model", default="RN50")
+    bt.add_argument("--pretrained", default="random", help="weights do not change throughput; random is fine")
+    bt.add_argument("--device", default=None)
+    bt.add_argument("--batch-size", type=int, default=64)
+    bt.add_argument("--files", type=int, default=512, help="JPEG files for the pipeline-bound run")
+    bt.add_argument("--num-workers", type=int, default=None)
+    bt.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on for CUDA)")
+    bt.add_argument("--seconds", type=float, default=10.0, help="duration of the model-bound timing")
+    bt.add_argument("--json", action="store_true")
+    bt.set_defaults(func=_cmd_bench_throughput)
+
+    pl = sub.add_parser("plan", help="what the paper profile would run, and its estimated GPU hours")
+    pl.add_argument("--profile", choices=["paper"], default="paper")
+    pl.add_argument("--data-dir", default=".", help="folder holding waterbirds/, celeba/, metashift/, chexpert/")
+    pl.add_argument("--full-size", action="store_true", help="estimate as if every dataset were present")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=_cmd_plan)
 
     rep = sub.add_parser("report", help="render results").add_subparsers(dest="report_command", required=True)
     rr = rep.add_parser("readme", help="write the toy result tables into README.md")

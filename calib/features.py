@@ -145,6 +145,29 @@ def default_num_workers() -> int:
     return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
+class _BatchShard(torch.utils.data.Sampler):
+    """The batches ``rank, rank + world, ...`` of a fixed batching of ``n`` items: every process sees
+    whole batches with the single-process boundaries, so features are bitwise the same."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world: int):
+        self.batches = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)][rank::world]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def dist_info() -> tuple[int, int]:
+    """``(rank, world size)`` of an initialised torch.distributed group, else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 @torch.no_grad()
 def extract_split(
     loaded: LoadedClip,
@@ -154,22 +177,35 @@ def extract_split(
     amp: bool | None = None,
     desc: str = "features",
 ) -> SplitFeatures:
-    """Run the image tower over one split.  ``amp`` (default: on for CUDA) uses bf16 autocast."""
+    """Run the image tower over one split.  ``amp`` (default: on for CUDA) uses bf16 autocast.
+
+    Under torch.distributed the batches are sharded across processes and gathered on every rank.
+    """
     from tqdm.auto import tqdm
 
     device = torch.device(loaded.device)
     amp = (device.type == "cuda") if amp is None else amp
     workers = default_num_workers() if num_workers is None else num_workers
-    loader = DataLoader(ImageFiles(table.paths, loaded.preprocess), batch_size=batch_size, shuffle=False,
-                        num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False)
-    hs, zs = [], []
-    for x, _ in tqdm(loader, desc=desc, unit="batch", mininterval=2):
+    rank, world = dist_info()
+    sampler = _BatchShard(len(table.paths), batch_size, rank, world)
+    loader = DataLoader(ImageFiles(table.paths, loaded.preprocess), batch_sampler=sampler, num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False)
+    parts = []
+    for x, idx in tqdm(loader, desc=desc, unit="batch", mininterval=2, disable=rank != 0):
         x = x.to(device, non_blocking=True)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
             h, z = encode_pre_projection(loaded.model, x)
-        hs.append(h.float().cpu().numpy())
-        zs.append(z.float().cpu().numpy())
-    return SplitFeatures(h=np.concatenate(hs), z=np.concatenate(zs), y=table.y, a=table.a, g=table.g, ids=table.ids)
+        parts.append((idx.numpy(), h.float().cpu().numpy(), z.float().cpu().numpy()))
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, parts)
+        parts = [p for rank_parts in gathered for p in rank_parts]
+    order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")
+    h = np.concatenate([p[1] for p in parts])[order]
+    z = np.concatenate([p[2] for p in parts])[order]
+    return SplitFeatures(h=h, z=z, y=table.y, a=table.a, g=table.g, ids=table.ids)
 
 
 def get_split_features(
@@ -186,8 +222,14 @@ def get_split_features(
         log.info("features %s/%s from cache %s", dataset.name, split, path.name)
         return _load(path, key)
     feats = extract_split(loaded, dataset.splits[split], desc=f"{dataset.name}/{split}", **extract_kwargs)
-    _save(path, key, feats)
-    log.info("cached %d %s/%s features at %s", len(feats), dataset.name, split, path)
+    rank, world = dist_info()
+    if rank == 0:  # one writer; the others wait so nobody reads a half-written cache
+        _save(path, key, feats)
+        log.info("cached %d %s/%s features at %s", len(feats), dataset.name, split, path)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
     return feats
 
 

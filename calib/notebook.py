@@ -16,15 +16,30 @@ def in_colab() -> bool:
     return "google.colab" in sys.modules
 
 
-def setup(level: int = logging.INFO) -> str:
+DRIVE_ROOT = "/content/drive"
+DRIVE_HOME = "/content/drive/MyDrive/calib"  # data, caches, results and figures when colab_drive is on
+
+
+def setup(colab_drive: bool = False, level: int = logging.INFO) -> str:
     """Configure logging and calib's figure style; return the device ("cuda" or "cpu").
 
-    In Colab without a GPU it warns that feature extraction for real backbones will be slow.
+    In Colab: with ``colab_drive`` mount Google Drive and keep data, caches, results and figures in
+    ``MyDrive/calib`` (they survive the runtime); without a GPU, warn that real backbones will be slow.
     """
+    import os
+
     from calib.plots import use_style
 
     setup_logging(level)
     use_style()
+    if colab_drive and in_colab():
+        from google.colab import drive  # type: ignore[import-not-found]
+
+        drive.mount(DRIVE_ROOT)
+        os.environ.setdefault("CALIB_HOME", DRIVE_HOME)
+        log.info("data, caches and results under %s", os.environ["CALIB_HOME"])
+    elif colab_drive:
+        log.warning("colab_drive=True outside Colab: ignored")
     device = default_device()
     if device == "cpu" and in_colab():
         log.warning("No GPU attached: Runtime > Change runtime type > GPU. The toy benchmark runs on CPU; "

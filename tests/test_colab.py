@@ -1,0 +1,77 @@
+"""The Colab branch: install without touching torch, Drive for data and caches, a warning without a GPU."""
+import importlib.metadata as md
+import importlib.util
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import nbformat
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_bootstrap_installs_calib_and_pins_torch(nb, monkeypatch):
+    book = nbformat.read(nb, as_version=4)
+    boot = next(c.source for c in book.cells if c.cell_type == "code" and "Bootstrap" in c.source)
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "calib" else real_find(name, *a))
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    exec(compile(boot, nb.name, "exec"), {})
+    assert len(calls) == 1
+    cmd = calls[0]
+    assert cmd[:4] == [sys.executable, "-m", "pip", "install"]
+    assert "calib @ git+https://github.com/calib-org/calib" in cmd
+    assert not any(arg.split("==")[0] in ("torch", "torchvision") for arg in cmd)  # never asks for torch itself
+    pins = Path(cmd[cmd.index("-c") + 1]).read_text().split()
+    assert f"torch=={md.version('torch')}" in pins  # the installed torch is pinned: pip cannot replace it
+    assert f"torchvision=={md.version('torchvision')}" in pins
+
+
+def test_bootstrap_does_nothing_when_calib_is_installed(monkeypatch):
+    boot = next(c.source for c in nbformat.read(NOTEBOOKS[0], as_version=4).cells if "Bootstrap" in c.source)
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    exec(compile(boot, "boot", "exec"), {})
+    assert calls == []
+
+
+@pytest.fixture
+def fake_colab(monkeypatch):
+    mounted = []
+    drive = types.ModuleType("google.colab.drive")
+    drive.mount = lambda path, **kw: mounted.append(path)
+    colab = types.ModuleType("google.colab")
+    colab.drive = drive
+    google = types.ModuleType("google")
+    google.colab = colab
+    for name, mod in (("google", google), ("google.colab", colab), ("google.colab.drive", drive)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    return mounted
+
+
+def test_colab_drive_and_gpu_warning(fake_colab, monkeypatch, capfd):
+    import calib.notebook as nbm
+
+    monkeypatch.delenv("CALIB_HOME", raising=False)
+    device = nbm.setup(colab_drive=True)
+    assert fake_colab == ["/content/drive"]
+    import os
+
+    assert os.environ["CALIB_HOME"] == "/content/drive/MyDrive/calib"
+    from calib import paths
+
+    assert paths.cache_dir() == Path("/content/drive/MyDrive/calib/.cache")
+    assert device == "cpu" and "No GPU attached" in capfd.readouterr().err
+
+
+def test_outside_colab_drive_is_ignored(monkeypatch):
+    import calib.notebook as nbm
+
+    before = dict(**__import__("os").environ)
+    assert nbm.setup(colab_drive=True) == "cpu"
+    assert __import__("os").environ.get("CALIB_HOME") == before.get("CALIB_HOME")

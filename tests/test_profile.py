@@ -1,0 +1,85 @@
+"""The paper profile's plan and --dry-run; the throughput benchmark's accounting."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from calib.plan import PAPER_BACKBONES, full_size_plan, paper_plan
+from calib.throughput import measure, peak_bf16
+from tests.test_data import ROWS, write_waterbirds_fixture
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_plan_lists_present_datasets_and_skips_the_rest(tmp_path):
+    write_waterbirds_fixture(tmp_path / "waterbirds", ROWS)
+    (tmp_path / "celeba").mkdir()  # present but empty: skipped with the reason
+    plan = paper_plan(tmp_path)
+    assert [(r.dataset, r.model) for r in plan.rows] == [("waterbirds", m) for m, _ in PAPER_BACKBONES]
+    assert plan.rows[0].images == 5 and plan.rows[0].train == 2
+    assert any(s.startswith("celeba: CelebA layout problem") for s in plan.skipped)
+    assert any(s.startswith("metashift: not found") for s in plan.skipped)
+    assert plan.gpu_hours > 0
+
+
+def test_full_size_estimate_is_positive_and_ordered():
+    plan = full_size_plan()
+    by = {(r.dataset, r.model): r for r in plan.rows}
+    assert by[("celeba", "ViT-L-14-quickgelu")].extraction_h > by[("waterbirds", "ViT-L-14-quickgelu")].extraction_h
+    assert by[("waterbirds", "ViT-L-14-quickgelu")].extraction_h > by[("waterbirds", "RN50-quickgelu")].extraction_h
+    assert 1 < plan.gpu_hours < 1000
+
+
+def test_run_all_paper_dry_run(tmp_path):
+    write_waterbirds_fixture(tmp_path / "data" / "waterbirds", ROWS)
+    env = {**os.environ, "CALIB_USE_CURRENT_ENV": "1", "PYTHON": sys.executable, "CALIB_HOME": str(tmp_path / "home")}
+    r = subprocess.run(["bash", str(REPO / "run_all.sh"), "--profile", "paper", "--data-dir", str(tmp_path / "data"),
+                        "--dry-run"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "skip celeba: not found" in r.stdout and "skip chexpert: not found" in r.stdout
+    assert "waterbirds" in r.stdout and "ViT-L-14-quickgelu/openai" in r.stdout and "GPU hours" in r.stdout
+    assert not (tmp_path / "home" / "results").exists()  # a dry run runs nothing
+    r = subprocess.run(["bash", str(REPO / "run_all.sh"), "--profile", "paper"], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 2 and "--data-dir" in r.stderr
+
+
+def test_plan_command_json(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "calib", "plan", "--full-size", "--json"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert len(out["rows"]) == 8 and out["gpu_hours"] > 0
+
+
+def test_throughput_accounting():
+    from calib.models import load_clip
+
+    torch.manual_seed(0)
+    loaded = load_clip("calib-toy-vit", "random", device="cpu")
+    t = measure(loaded, batch_size=8, n_files=16, num_workers=0, seconds=0.2)
+    assert t.model_bound_img_s > 0 and t.pipeline_bound_img_s > 0
+    assert t.image_size == 64 and t.amp is False
+    assert t.achieved_tflops == pytest.approx(t.model_bound_img_s * t.gflop_per_image / 1e3)
+    assert t.fraction_of_peak is None  # no known peak for a CPU
+    assert peak_bf16("NVIDIA H200") == 989.0 and peak_bf16("NVIDIA A100-SXM4-80GB") == 312.0
+
+
+def test_bf16_features_match_fp32_on_cpu():
+    """Mixed precision (bf16 autocast, as used on GPUs) changes features only within a stated tolerance."""
+    from calib.models import encode_pre_projection, load_clip
+
+    torch.manual_seed(0)
+    loaded = load_clip("ViT-B-32", "random", device="cpu")
+    x = torch.randn(4, 3, 224, 224)
+    h32, z32 = encode_pre_projection(loaded.model, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h16, z16 = encode_pre_projection(loaded.model, x)
+    cos = torch.nn.functional.cosine_similarity(z16.float(), z32, dim=1)
+    assert (cos > 0.999).all(), cos  # stated tolerance: cosine similarity above 0.999 per image
+    rel = (h16.float() - h32).norm(dim=1) / h32.norm(dim=1)
+    assert (rel < 0.05).all(), rel
