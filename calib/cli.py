@@ -2,6 +2,7 @@
 
     python -m calib data make-toy --root DIR [--scale 1.0] [--seed 0] [--overwrite]
     python -m calib data check --dataset waterbirds --root DIR [--json]
+    python -m calib data download --dataset waterbirds --root DIR [--source URL|FILE] [--sha256 HEX]
     python -m calib list methods [--json]
     python -m calib toy-clip [--preset toy|toy-quick]
     python -m calib extract --dataset NAME [--root DIR] --model M --pretrained P [--split S]
@@ -32,6 +33,14 @@ def _cmd_make_toy(args: argparse.Namespace) -> int:
 
     root = make_toy_waterbirds(Path(args.root), ToyConfig(seed=args.seed, scale=args.scale), overwrite=args.overwrite)
     print(f"toy benchmark ready at {root}")
+    return 0
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    from calib.download import download
+
+    root = download(args.dataset, Path(args.root), source=args.source, sha256=args.sha256)
+    print(f"{args.dataset} ready at {root}")
     return 0
 
 
@@ -230,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--json", action="store_true", help="machine-readable output")
     ck.set_defaults(func=_cmd_check)
 
+    dl = data.add_parser("download", help="download and extract a dataset with a public source (waterbirds)")
+    dl.add_argument("--dataset", required=True)
+    dl.add_argument("--root", required=True, help="folder to create")
+    dl.add_argument("--source", default=None, help="URL or local file instead of the official source (mirrors)")
+    dl.add_argument("--sha256", default=None, help="expected sha256 of the archive")
+    dl.set_defaults(func=_cmd_download)
+
     ls = sub.add_parser("list", help="list registered things").add_subparsers(dest="list_command", required=True)
     lm = ls.add_parser("methods", help="methods, the group labels they need, their options")
     lm.add_argument("--json", action="store_true")
@@ -310,11 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     from calib.data import DatasetLayoutError
+    from calib.download import DownloadError
     from calib.models import WeightsUnavailableError
 
     try:
         return args.func(args)
-    except (DatasetLayoutError, WeightsUnavailableError, ValueError, FileNotFoundError) as err:  # incl. EmbeddingsFileError
+    except (DatasetLayoutError, WeightsUnavailableError, DownloadError, ValueError, FileNotFoundError) as err:  # incl. EmbeddingsFileError
         if getattr(args, "json", False):
             print(json.dumps({"ok": False, "error": str(err)}))
         print(f"error: {err}", file=sys.stderr)
