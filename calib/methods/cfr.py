@@ -41,6 +41,7 @@ from calib.methods.projection import (
     ProjectionHead,
     ProjectionMethod,
     ProjectionOptions,
+    fit_head,
     fit_projection,
     resolve_device,
 )
@@ -54,6 +55,7 @@ CHOICES = {
     "negative_rule": ("hard", "random_same_class"),
     "regularizer": ("tsc", "ce", "supcon", "none"),
     "weight_schedule": ("cosine", "constant"),
+    "epoch_unit": ("train", "calibration"),
     "selection": tuple(SELECTION_RULES),
 }
 
@@ -78,7 +80,9 @@ class CFROptions:
     weight: float = 1.5  # c: constant value, and the cosine schedule's value at epoch 0
     weight_schedule: str = "cosine"  # "cosine": 1 + 0.5 cos(2 pi e / E); "constant": c
     dropout: float = 0.1  # dropout on the normalised image feature, training only
-    epochs: int = 100  # passes over the training set
+    epochs: int = 100  # passes over the training set (or the calibration set, see epoch_unit)
+    epoch_unit: str = "train"  # "train": an epoch pairs every training batch with anchors (the release);
+    # "calibration": an epoch is one pass over the anchors, regular batches drawn at random (far fewer steps)
     batch_size: int = 128  # regular samples per step (and as many anchors)
     lr: float = 1e-4  # SGD learning rate
     momentum: float = 0.9  # SGD momentum
@@ -238,6 +242,8 @@ class CFR(ProjectionMethod):
         cal_order = {"perm": torch.randperm(n_cal, generator=gen), "epoch": -1}
 
         def step_loss(head: ProjectionHead, idx: torch.Tensor, epoch: int) -> torch.Tensor:
+            if o.epoch_unit == "calibration":  # idx indexes anchors; the regular batch is drawn at random
+                idx = torch.randint(len(h), (len(idx),), generator=gen).to(device)
             if cal_order["epoch"] != epoch:  # a fresh anchor order each epoch; anchors cycle (i mod |cal|)
                 cal_order["perm"], cal_order["epoch"], cal_order["pos"] = torch.randperm(n_cal, generator=gen), epoch, 0
             start = cal_order["pos"]
@@ -269,7 +275,10 @@ class CFR(ProjectionMethod):
 
         # the trainable projection starts at the pretrained W0 (not at the reference)
         head = ProjectionHead(data.W0, data.b0, data.text, data.logit_scale, o.train_logit_scale, o.dropout)
-        self.head, self.history = fit_projection(data, o.projection_options(o.epochs, o.dropout), seed, step_loss, head)
+        epoch_size = n_cal if o.epoch_unit == "calibration" else None
+        torch.manual_seed(seed)
+        self.head, self.history = fit_head(head, data, o.projection_options(o.epochs, o.dropout), seed, step_loss,
+                                           lambda split: split.h, epoch_size=epoch_size)
         self.eval_gen = torch.Generator().manual_seed(seed + 2)
 
     def logits(self, split: SplitFeatures) -> np.ndarray:

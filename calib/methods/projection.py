@@ -115,12 +115,14 @@ def fit_head(
     step_loss: Callable[[nn.Module, torch.Tensor, int], torch.Tensor],
     inputs: Callable[[SplitFeatures], np.ndarray],
     optimizer: str = "sgd",
+    epoch_size: int | None = None,
 ) -> tuple[nn.Module, list[dict]]:
     """The one training loop: epochs of mini-batches over the training split, epoch selection.
 
     ``head(inputs(split))`` gives logits ``[n, C]``; ``optimizer`` is ``"sgd"`` (with ``opts``'
     momentum) or ``"adam"``.  Returns the head at the selected epoch and the per-epoch history
     (loss, val WGA, val worst-class accuracy, val accuracy; ``selected`` marks the chosen epoch).
+    An epoch is a shuffled pass over ``range(epoch_size)`` (default: the training split's size).
     """
     if opts.selection not in SELECTION_RULES:
         raise ValueError(f"unknown selection rule {opts.selection!r}; known: {sorted(SELECTION_RULES)}")
@@ -135,7 +137,7 @@ def fit_head(
         opt = torch.optim.Adam(params, lr=opts.lr, weight_decay=opts.weight_decay)
     else:
         raise ValueError(f"unknown optimizer {optimizer!r}; use 'sgd' or 'adam'")
-    n = len(data.splits["train"])
+    n = epoch_size or len(data.splits["train"])
     gen = torch.Generator().manual_seed(seed)
     val = data.splits.get("val")
     h_val = torch.as_tensor(inputs(val), device=device) if val is not None else None
