@@ -24,6 +24,7 @@ CFR_ABLATIONS: dict[str, dict[str, Any]] = {
     "selection: val worst-class (no group labels)": {"selection": "val_worst_class"},
     "selection: last epoch": {"selection": "last"},
     "released behaviour (faithful_release)": {"faithful_release": True},
+    "epoch = one pass over the calibration set": {"epoch_unit": "calibration"},
 }
 
 

@@ -3,7 +3,6 @@ import dataclasses
 
 import numpy as np
 import pytest
-import torch
 
 from calib.features import FeatureSet, SplitFeatures
 from calib.methods import REGISTRY, create, describe_methods, run_method

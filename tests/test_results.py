@@ -1,5 +1,4 @@
 """Result rows: append-only JSONL, newest row per key wins, tables."""
-import json
 
 import pandas as pd
 import pytest

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from calib.features import FeatureSet, SplitFeatures
-from calib.methods.base import Method, register
+from calib.methods.base import register
 from calib.methods.losses import TSCLoss, info_nce, supcon_loss
 from calib.methods.projection import (
     SELECTION_RULES,

@@ -41,8 +41,16 @@ class LinearProbeOptions:
     max_iter: int = 2000  # lbfgs iterations
 
 
+class LogisticHead(Method):
+    """Base for methods whose result is a scikit-learn classifier ``self.clf`` on normalised embeddings."""
+
+    def logits(self, split: SplitFeatures) -> np.ndarray:
+        # log-probabilities [n, C]; columns follow clf.classes_, which are 0..C-1 after fit
+        return self.clf.predict_log_proba(normalize(split.z))
+
+
 @register
-class LinearProbe(Method):
+class LinearProbe(LogisticHead):
     """Linear-probe ERM: L2 logistic regression on normalised CLIP embeddings of the training set."""
 
     name = "linear_probe"
@@ -54,7 +62,3 @@ class LinearProbe(Method):
         tr = data.splits["train"]
         self.clf = LogisticRegression(C=self.options.C, max_iter=self.options.max_iter, random_state=seed)
         self.clf.fit(normalize(tr.z), tr.y)
-
-    def logits(self, split: SplitFeatures) -> np.ndarray:
-        # log-probabilities [n, C]; columns follow clf.classes_, which are 0..C-1 after fit
-        return self.clf.predict_log_proba(normalize(split.z))

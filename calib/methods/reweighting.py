@@ -13,8 +13,8 @@ from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 from calib.features import FeatureSet, SplitFeatures
-from calib.methods.base import Method, register
-from calib.methods.heads import normalize
+from calib.methods.base import register
+from calib.methods.heads import LogisticHead, normalize
 from calib.methods.projection import ProjectionMethod, ProjectionOptions, fit_head, resolve_device
 
 
@@ -27,7 +27,7 @@ class JTTOptions:
 
 
 @register
-class JTT(Method):
+class JTT(LogisticHead):
     """JTT (Liu et al., 2021) on embeddings: fit a strongly regularised head, upweight its training
     errors by lambda, refit.  Hyperparameters fixed (not selected with group labels)."""
 
@@ -46,9 +46,6 @@ class JTT(Method):
         self.clf = LogisticRegression(C=self.options.C, max_iter=self.options.max_iter, random_state=seed)
         self.clf.fit(x, tr.y, sample_weight=weights)
 
-    def logits(self, split: SplitFeatures) -> np.ndarray:
-        return self.clf.predict_log_proba(normalize(split.z))
-
 
 @dataclass
 class AFROptions:
@@ -59,7 +56,7 @@ class AFROptions:
 
 
 @register
-class AFR(Method):
+class AFR(LogisticHead):
     """AFR (Qiu et al., 2023) on embeddings: a base head on part of the training set; the last layer
     retrained on the held-out part with weights exp(-gamma p_true), class-balanced."""
 
@@ -85,9 +82,6 @@ class AFR(Method):
         self.weights = w
         self.clf = LogisticRegression(C=o.C, max_iter=o.max_iter, random_state=seed)
         self.clf.fit(x[held], tr.y[held], sample_weight=w * len(w))
-
-    def logits(self, split: SplitFeatures) -> np.ndarray:
-        return self.clf.predict_log_proba(normalize(split.z))
 
 
 class LinearHead(nn.Module):
