@@ -83,3 +83,14 @@ def test_bf16_features_match_fp32_on_cpu():
     assert (cos > 0.999).all(), cos  # stated tolerance: cosine similarity above 0.999 per image
     rel = (h16.float() - h32).norm(dim=1) / h32.norm(dim=1)
     assert (rel < 0.05).all(), rel
+
+
+def test_paper_profile_without_weights_stops_at_once_with_instructions(tmp_path):
+    write_waterbirds_fixture(tmp_path / "data" / "waterbirds", ROWS)
+    env = {**os.environ, "CALIB_USE_CURRENT_ENV": "1", "PYTHON": sys.executable, "CALIB_HOME": str(tmp_path / "home"),
+           "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(["bash", str(REPO / "run_all.sh"), "--profile", "paper", "--data-dir", str(tmp_path / "data")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0
+    assert "not on this machine" in r.stderr and "timm/resnet50_clip.openai" in r.stderr
+    assert not (tmp_path / "home" / ".cache" / "features").exists()  # nothing half-written
