@@ -1,11 +1,17 @@
 """Feature geometry before and after CFR: 2-D projections and the calibration set's composition."""
 from __future__ import annotations
 
+import dataclasses
+import io
+import json
+from pathlib import Path
+
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from sklearn.decomposition import PCA
 
+from calib import paths
 from calib.features import FeatureSet
 from calib.methods.heads import normalize
 from calib.plots import use_style
@@ -62,3 +68,32 @@ def composition_figure(counts: list[int], train_counts: list[int], group_names: 
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
     fig.tight_layout()
     return fig
+
+
+def cfr_geometry(features: FeatureSet, seed: int = 0, options: dict | None = None, split: str = "test",
+                 cache_dir: Path | None = None) -> dict:
+    """Train CFR once and return what the geometry notebook draws, cached like result rows.
+
+    Returns ``{"before": [n, d], "after": [n, d], "calibration_groups": [G], "metrics": {...}}``; the
+    cache key holds the features' weights fingerprint and dataset version, the options, the seed and
+    calib's source hash, so a stale entry is never reused.
+    """
+    from calib.methods import make_options, run_method
+    from calib.utils import atomic_write_bytes, code_hash, stable_hash
+
+    opts = dataclasses.asdict(make_options("cfr", options))
+    key = stable_hash({"weights": features.meta.get("weights"), "data": features.meta.get("dataset_version"),
+                       "options": opts, "seed": seed, "split": split, "code": code_hash()})
+    path = Path(cache_dir or paths.cache_dir()) / "geometry" / f"cfr-{key}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as f:
+            return {"before": f["before"], "after": f["after"], "calibration_groups": f["groups"].tolist(),
+                    "metrics": json.loads(str(f["metrics"]))}
+    run = run_method("cfr", features, seed, options)
+    out = {"before": features.splits[split].z, "after": embeddings_after(run.instance, features, split),
+           "calibration_groups": run.instance.calibration_groups, "metrics": run.metrics[split]}
+    buf = io.BytesIO()
+    np.savez(buf, before=out["before"], after=out["after"], groups=np.array(out["calibration_groups"]),
+             metrics=np.array(json.dumps(out["metrics"])))
+    atomic_write_bytes(path, buf.getvalue())
+    return out

@@ -158,3 +158,17 @@ def test_supcon_pulls_same_class_together():
     x = F.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [-1.0, 0.0], [-0.9, -0.1]]), dim=1)
     y = torch.tensor([0, 0, 1, 1])
     assert supcon_loss(x, y, 0.1) < supcon_loss(x, torch.tensor([0, 1, 0, 1]), 0.1)
+
+
+def test_geometry_trains_once_then_reads_its_cache(synth, tmp_path, monkeypatch):
+    from calib import methods
+    from calib.geometry import cfr_geometry
+
+    opts = {**FAST, "reference": "zeroshot"}
+    first = cfr_geometry(synth, 0, opts, cache_dir=tmp_path)
+    assert first["after"].shape == (len(synth.splits["test"]), 16)
+    np.testing.assert_allclose(np.linalg.norm(first["after"], axis=1), 1, rtol=1e-5)
+    monkeypatch.setattr(methods, "run_method", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    again = cfr_geometry(synth, 0, opts, cache_dir=tmp_path)
+    np.testing.assert_array_equal(again["after"], first["after"])
+    assert again["calibration_groups"] == first["calibration_groups"]
