@@ -105,8 +105,13 @@ class ImageFiles(Dataset):
         return self.preprocess(img), i
 
 
-def cache_key(loaded: LoadedClip, dataset: GroupDataset, split: str) -> dict:
-    """The fields that identify a feature-cache entry."""
+def resolve_amp(loaded: LoadedClip, amp: bool | None) -> bool:
+    """Whether extraction runs under bf16 autocast: ``amp`` if given, else on for CUDA only."""
+    return torch.device(loaded.device).type == "cuda" if amp is None else bool(amp)
+
+
+def cache_key(loaded: LoadedClip, dataset: GroupDataset, split: str, amp: bool | None = None) -> dict:
+    """The fields that identify a feature-cache entry (bf16 and fp32 features are kept apart)."""
     return {
         "model": loaded.name,
         "weights": loaded.fingerprint,
@@ -115,6 +120,7 @@ def cache_key(loaded: LoadedClip, dataset: GroupDataset, split: str) -> dict:
         "dataset_version": dataset.version,
         "split": split,
         "n": len(dataset.splits[split]),
+        "precision": "bf16-autocast" if resolve_amp(loaded, amp) else "fp32",
         "format": FORMAT_VERSION,
     }
 
@@ -184,7 +190,7 @@ def extract_split(
     from tqdm.auto import tqdm
 
     device = torch.device(loaded.device)
-    amp = (device.type == "cuda") if amp is None else amp
+    amp = resolve_amp(loaded, amp)
     workers = default_num_workers() if num_workers is None else num_workers
     rank, world = dist_info()
     sampler = _BatchShard(len(table.paths), batch_size, rank, world)
@@ -216,7 +222,7 @@ def get_split_features(
     **extract_kwargs,
 ) -> SplitFeatures:
     """Cached features of one split, extracting (and caching) them on a miss."""
-    key = cache_key(loaded, dataset, split)
+    key = cache_key(loaded, dataset, split, amp=extract_kwargs.get("amp"))
     path = cache_path(key, cache_dir)
     if path.is_file():
         log.info("features %s/%s from cache %s", dataset.name, split, path.name)

@@ -7,7 +7,9 @@
 - ``"local-dir:<folder>"`` holding ``open_clip_config.json`` and weights;
 - ``"toy"``: calib's own toy CLIP (trained on first use, see :mod:`calib.toyclip`;
   ``"toy-quick"`` is a seconds-long version for tests);
-- ``None`` / ``"random"``: randomly initialised weights (tests, throughput).
+- ``None`` / ``"random"`` / ``"random:<seed>"``: randomly initialised weights (tests, throughput, smoke
+  runs of the paper profile), drawn from a fixed seed (0 unless given) so that the same spelling always
+  gives the same weights and hence the same feature cache.
 
 Without network and without the weights on disk it fails at once with one message saying what to
 download and how to point calib at it (open_clip alone would retry for ~46 s first).
@@ -144,7 +146,7 @@ def _resolve(name: str, pretrained: str | None, cache_dir: str | None) -> str | 
         close = difflib.get_close_matches(name, open_clip.list_models(), n=5, cutoff=0.5)
         raise ValueError(f"unknown open_clip model {name!r}; did you mean one of {close}? "
                          "(`open_clip.list_models()` lists all)")
-    if pretrained in (None, "", "random", "none"):
+    if random_seed(pretrained) is not None:
         return None
     if pretrained in ("toy", "toy-quick"):
         from calib.toyclip import TOY_PRESETS, ensure_toy_clip
@@ -170,6 +172,18 @@ def _resolve(name: str, pretrained: str | None, cache_dir: str | None) -> str | 
     return pretrained
 
 
+def random_seed(pretrained: str | None) -> int | None:
+    """The seed of a random-weights spelling (``None``, ``"random"``, ``"random:7"``), else ``None``."""
+    if pretrained in (None, "", "random", "none"):
+        return 0
+    if pretrained.startswith("random:"):
+        try:
+            return int(pretrained[len("random:"):])
+        except ValueError:
+            raise ValueError(f"pretrained={pretrained!r}: expected 'random:<integer seed>'") from None
+    return None
+
+
 def load_clip(
     name: str,
     pretrained: str | None = None,
@@ -191,9 +205,14 @@ def load_clip(
     resolved = _resolve(name, pretrained, cache_dir)
     # open_clip reads a local-dir: folder (config + weights) through the model-name argument
     ident, weights = (resolved, None) if resolved and resolved.startswith("local-dir:") else (name, resolved)
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        ident, pretrained=weights, device=device, cache_dir=cache_dir, **model_kwargs
-    )
+    seed = random_seed(pretrained)
+    # random weights come from their own seed, and the caller's RNG streams are left as they were
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            ident, pretrained=weights, device=device, cache_dir=cache_dir, **model_kwargs
+        )
     model.eval()
     tokenizer = open_clip.get_tokenizer(ident)
     return LoadedClip(

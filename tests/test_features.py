@@ -1,7 +1,6 @@
 """Feature extraction and the cache: reuse, keys, atomicity, bad images."""
 import numpy as np
 import pytest
-import torch
 
 from calib import features as feat_mod
 from calib.data import DatasetLayoutError, load_waterbirds
@@ -47,13 +46,15 @@ def test_cache_is_reused(toy_model, toy_quick, toy_features, monkeypatch):
 
 def test_cache_key_separates_models_and_versions(toy_model, toy_quick):
     base = cache_key(toy_model, toy_quick, "val")
-    torch.manual_seed(1)
-    other = load_clip("calib-toy-vit", "random", device="cpu")
+    other = load_clip("calib-toy-vit", "random:1", device="cpu")
     assert cache_path(cache_key(other, toy_quick, "val")) != cache_path(base)
     changed = dict(base, dataset_version="something-else")
     assert cache_path(changed) != cache_path(base)
     changed = dict(base, preprocess="Resize(224)")
     assert cache_path(changed) != cache_path(base)
+    assert base["precision"] == "fp32"  # on CPU autocast is off unless asked for
+    bf16 = cache_key(toy_model, toy_quick, "val", amp=True)
+    assert bf16["precision"] == "bf16-autocast" and cache_path(bf16) != cache_path(base)
 
 
 def test_cache_file_from_another_key_is_refused(toy_model, toy_quick, tmp_path):

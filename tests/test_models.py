@@ -62,8 +62,7 @@ def test_vit_l14_builds():
 def test_checkpoint_roundtrip(tmp_path):
     from safetensors.torch import save_file
 
-    torch.manual_seed(3)
-    a = load_clip("calib-toy-vit", "random", device="cpu")
+    a = load_clip("calib-toy-vit", "random:3", device="cpu")
     f = tmp_path / "toy.safetensors"
     save_file({k: v.contiguous() for k, v in a.model.state_dict().items()}, str(f))
     b = load_clip("calib-toy-vit", str(f), device="cpu")
@@ -78,9 +77,20 @@ def test_checkpoint_roundtrip(tmp_path):
     (d / "open_clip_config.json").write_text(json.dumps(cfg))
     c = load_clip("calib-toy-vit", f"local-dir:{d}", device="cpu")
     assert c.fingerprint == a.fingerprint
-    torch.manual_seed(4)
-    other = load_clip("calib-toy-vit", "random", device="cpu")
+    other = load_clip("calib-toy-vit", "random:4", device="cpu")
     assert other.fingerprint != a.fingerprint
+
+
+def test_random_weights_are_seeded_and_leave_the_callers_rng_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = load_clip("calib-toy-vit", "random", device="cpu")
+    torch.testing.assert_close(torch.rand(3), expected_next)  # loading drew nothing from the caller's stream
+    assert load_clip("calib-toy-vit", "random:0", device="cpu").fingerprint == a.fingerprint
+    assert load_clip("calib-toy-vit", "random:1", device="cpu").fingerprint != a.fingerprint
+    with pytest.raises(ValueError, match="random:<integer seed>"):
+        load_clip("calib-toy-vit", "random:x", device="cpu")
 
 
 def test_offline_missing_weights_fail_fast_and_say_what_to_do():
