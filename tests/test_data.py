@@ -11,31 +11,7 @@ from PIL import Image
 from calib.data import DatasetLayoutError, ToyConfig, load_waterbirds, make_toy_waterbirds
 from calib.data import toy as toy_mod
 from calib.data.toy import WATERBIRDS_GROUP_SIZES, render_scene
-
-HEADER = "img_id,img_filename,y,split,place,place_filename"
-
-
-def write_waterbirds_fixture(root, rows, make_images=True):
-    """A tiny Waterbirds release: metadata.csv exactly as the group-DRO tarball writes it, plus images."""
-    root.mkdir(parents=True, exist_ok=True)
-    lines = [HEADER]
-    for img_id, fname, y, split, place in rows:
-        lines.append(f"{img_id},{fname},{y},{split},{place},/b/bamboo_forest/00000{img_id}.jpg")
-        if make_images:
-            (root / fname).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.full((8, 8, 3), 40 * img_id % 255, np.uint8)).save(root / fname)
-    (root / "metadata.csv").write_text("\n".join(lines) + "\n")
-    return root
-
-
-ROWS = [
-    (1, "001.Black_footed_Albatross/Black_Footed_Albatross_0046_18.jpg", 1, 0, 1),
-    (2, "002.Laysan_Albatross/Laysan_Albatross_0002_1027.jpg", 1, 0, 0),
-    (3, "010.Red_winged_Blackbird/Red_Winged_Blackbird_0017_583.jpg", 0, 1, 0),
-    (4, "010.Red_winged_Blackbird/Red_Winged_Blackbird_0040_5.jpg", 0, 2, 1),
-    (5, "011.Rusty_Blackbird/Rusty_Blackbird_0015_6885.jpg", 0, 2, 0),
-]
-
+from tests.fixtures import HEADER, ROWS, write_waterbirds_fixture
 
 def test_waterbirds_reader_on_fixture(tmp_path):
     ds = load_waterbirds(write_waterbirds_fixture(tmp_path / "wb", ROWS))

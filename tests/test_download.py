@@ -8,7 +8,7 @@ import pytest
 
 from calib.data import DatasetLayoutError, load_waterbirds
 from calib.download import DownloadError, download
-from tests.test_data import ROWS, write_waterbirds_fixture
+from tests.fixtures import ROWS, write_waterbirds_fixture
 
 
 @pytest.fixture
