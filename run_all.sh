@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Regenerate every result and figure.  Sets up the environment if needed, then runs every notebook in
-# order with papermill on the built-in toy benchmark (no downloads).  Executed notebooks go to
-# notebooks/executed/ (git-ignored), figures and tables to figures/, result rows to results/.
+# order with papermill on the built-in toy benchmark (no downloads).  Everything it writes goes under
+# $CALIB_HOME (default: this checkout): executed notebooks to notebooks/executed/ (git-ignored), figures
+# and tables to figures/, result rows to results/, data and caches to data/ and .cache/.
 #
 # Usage: ./run_all.sh [--use-current-env] [--quick] [--only NN]
-#        ./run_all.sh --profile paper --data-dir DIR [--dry-run]
+#        ./run_all.sh --profile paper --data-dir DIR [--backbones M:P,...] [--quick] [--dry-run]
 #   --use-current-env  use the current Python environment (conda, Colab) instead of ./.venv
-#   --quick            smoke run: 4% toy benchmark, seconds-long toy CLIP, 1 seed, few epochs
+#   --quick            smoke run: 1 seed, 3 epochs, one ablation (toy profile: also the 4% toy benchmark
+#                      and a seconds-long toy CLIP)
 #   --only NN          run only notebooks whose name starts with NN (e.g. 01)
 #   --profile paper    real datasets under DIR/{waterbirds,celeba,metashift,chexpert} x CLIP RN50 and ViT-L/14
 #                      (OpenAI weights) x every method x 5 seeds; missing datasets are skipped with one line
+#   --backbones LIST   (paper profile) comma-separated open_clip MODEL:PRETRAINED pairs instead of the paper's
+#                      two, e.g. ViT-B-32:laion2b_s34b_b79k or RN50:random (random weights: a smoke test)
 #   --dry-run          (paper profile) list what would run and its estimated GPU hours, run nothing
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -17,6 +21,7 @@ quick=0
 only=""
 profile=toy
 data_dir_arg=""
+backbones_arg=""
 dry=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -25,8 +30,9 @@ while [ $# -gt 0 ]; do
     --only) only="$2"; shift ;;
     --profile) profile="$2"; shift ;;
     --data-dir) data_dir_arg="$2"; shift ;;
+    --backbones) backbones_arg="$2"; shift ;;
     --dry-run) dry=1 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -45,32 +51,48 @@ cd "$ROOT"
 if [ "$profile" = paper ]; then
   [ -n "$data_dir_arg" ] || { echo "--profile paper needs --data-dir DIR" >&2; exit 2; }
   data_dir_arg="$(cd "$data_dir_arg" && pwd)"
-  "$PY" -m calib plan --profile paper --data-dir "$data_dir_arg"
+  if [ "$quick" = 1 ]; then seeds_yaml="[0]"; epochs_yaml=", epochs: 3"; ablations_yaml=", ablations: [CFR (default)]"
+  else seeds_yaml="[0, 1, 2, 3, 4]"; epochs_yaml=""; ablations_yaml=""; fi
+  n_seeds=$(( $(tr -cd , <<< "$seeds_yaml" | wc -c) + 1 ))
+  plan_args=(--data-dir "$data_dir_arg" --seeds "$n_seeds")
+  [ -n "$backbones_arg" ] && plan_args+=(--backbones "$backbones_arg")
+  "$PY" -m calib plan --profile paper "${plan_args[@]}"
   [ "$dry" = 1 ] && exit 0
   export CALIB_DATA_DIR="$data_dir_arg"
-  mkdir -p notebooks/executed
-  mapfile -t runs < <("$PY" -c 'import sys; from pathlib import Path; from calib.plan import paper_plan
-for r in paper_plan(Path(sys.argv[1])).rows: print(r.dataset, r.model, r.pretrained)' "$data_dir_arg")
+  executed="$CALIB_HOME/notebooks/executed"; mkdir -p "$executed"
+  mapfile -t runs < <("$PY" -c 'import sys; from pathlib import Path; from calib.plan import PAPER_BACKBONES, paper_plan, parse_backbones
+bb = parse_backbones(sys.argv[2]) if sys.argv[2] else PAPER_BACKBONES
+for r in paper_plan(Path(sys.argv[1]), bb).rows: print(r.dataset, r.model, r.pretrained)' "$data_dir_arg" "$backbones_arg")
   [ ${#runs[@]} -gt 0 ] || { echo "[calib] no paper dataset found under $data_dir_arg" >&2; exit 1; }
-  datasets_yaml="[$(printf '%s\n' "${runs[@]}" | cut -d' ' -f1 | sort -u | paste -sd, -)]"
-  backbones_yaml="[$(printf '%s\n' "${runs[@]}" | cut -d' ' -f2,3 | sort -u | sed 's/ /, /; s/^/[/; s/$/]/' | paste -sd, -)]"
+  datasets_yaml="[$(printf '%s\n' "${runs[@]}" | cut -d' ' -f1 | awk '!seen[$0]++' | paste -sd, -)]"
+  backbones_yaml="[$(printf '%s\n' "${runs[@]}" | cut -d' ' -f2- | awk '!seen[$0]++' | sed 's/ /", "/; s/^/["/; s/$/"]/' | paste -sd, -)]"
   for run in "${runs[@]}"; do
     read -r ds model pre <<< "$run"
+    tag="${ds}__${model}__${pre//[^A-Za-z0-9._-]/_}"
     t=$SECONDS; "$PY" -m calib extract --dataset "$ds" --model "$model" --pretrained "$pre"
-    stage "extract $ds / $model" $((SECONDS - t))
+    stage "extract $ds / $model / $pre" $((SECONDS - t))
     for nb in notebooks/0[01245]_*.ipynb; do
       name="$(basename "$nb" .ipynb)"
+      case "$name" in  # each notebook gets only the parameters it declares
+        05_*) params="seed: 0$epochs_yaml" ;;
+        04_*) params="seeds: $seeds_yaml$epochs_yaml$ablations_yaml" ;;
+        *) params="seeds: $seeds_yaml$epochs_yaml" ;;
+      esac
       t=$SECONDS
-      "$PY" -m papermill --log-level WARNING -k python3 "$nb" "notebooks/executed/${name}__${ds}__${model}.ipynb" \
-        -y "{dataset: $ds, model: $model, pretrained: $pre, seeds: [0, 1, 2, 3, 4]}"
-      stage "notebook $name ($ds / $model)" $((SECONDS - t))
+      "$PY" -m papermill --log-level WARNING -k python3 "$nb" "$executed/${name}__${tag}.ipynb" \
+        -y "{dataset: $ds, model: \"$model\", pretrained: \"$pre\", $params}"
+      stage "notebook $name ($ds / $model / $pre)" $((SECONDS - t))
     done
   done
   t=$SECONDS
   "$PY" -m papermill --log-level WARNING -k python3 notebooks/03_main_results.ipynb \
-    notebooks/executed/03_main_results__paper.ipynb -y "{datasets: $datasets_yaml, backbones: $backbones_yaml}"
+    "$executed/03_main_results__paper.ipynb" \
+    -y "{datasets: $datasets_yaml, backbones: $backbones_yaml, seeds: $seeds_yaml$epochs_yaml}"
   stage "notebook 03_main_results (paper)" $((SECONDS - t))
-  echo "[calib] paper profile done in $SECONDS s; figures in $ROOT/figures"
+  echo
+  echo "[calib] wall time by stage (s):"
+  for i in "${!stage_names[@]}"; do printf '  %-60s %6s\n' "${stage_names[$i]}" "${stage_secs[$i]}"; done
+  echo "[calib] paper profile done in $SECONDS s; figures in $CALIB_HOME/figures, executed notebooks in $executed"
   exit 0
 fi
 [ "$dry" = 1 ] && { echo "--dry-run applies to --profile paper" >&2; exit 2; }
@@ -92,7 +114,7 @@ t=$SECONDS; "$PY" -m calib toy-clip --preset "$pretrained"; stage "toy CLIP trai
 t=$SECONDS; "$PY" -m calib extract --dataset "$dataset" --model calib-toy-vit --pretrained "$pretrained"
 stage "feature extraction" $((SECONDS - t))
 
-mkdir -p notebooks/executed
+executed="$CALIB_HOME/notebooks/executed"; mkdir -p "$executed"
 # Notebooks run in two lanes (one CPU thread each): the ablations in one, everything else in order in the
 # other.  Method training here is overhead-bound, so two single-threaded processes nearly double throughput.
 lane_log="$(mktemp -d)"
@@ -104,8 +126,8 @@ run_lane() {  # run_lane NAME NOTEBOOK... ; writes "<seconds> <notebook>" lines 
     [ -n "$only" ] && [[ "$name" != "$only"* ]] && continue
     t0=$SECONDS
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY" -m papermill --log-level WARNING -k python3 "$nb" \
-      "notebooks/executed/$name" "${nb_params[@]}" > "$lane_log/$lane.out" 2>&1 \
-      || { echo "[calib] notebook $name failed; see notebooks/executed/$name and $lane_log/$lane.out" >&2; return 1; }
+      "$executed/$name" "${nb_params[@]}" > "$lane_log/$lane.out" 2>&1 \
+      || { echo "[calib] notebook $name failed; see $executed/$name and $lane_log/$lane.out" >&2; return 1; }
     echo "$((SECONDS - t0)) $name" >> "$lane_log/$lane"
   done
 }
@@ -128,4 +150,4 @@ echo
 echo "[calib] wall time by stage (s):"
 for i in "${!stage_names[@]}"; do printf '  %-45s %6s\n' "${stage_names[$i]}" "${stage_secs[$i]}"; done
 printf '  %-45s %6s\n' "total" "$SECONDS"
-echo "[calib] figures in $ROOT/figures, executed notebooks in $ROOT/notebooks/executed, rows in ${CALIB_HOME}/results"
+echo "[calib] figures in $CALIB_HOME/figures, executed notebooks in $executed, rows in $CALIB_HOME/results"

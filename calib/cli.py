@@ -10,7 +10,7 @@
     python -m calib export --dataset NAME --model M --pretrained P --out FILE.npz
     python -m calib bench methods [--dataset synthetic|toy] [--method NAME] [--seeds 0 1]
     python -m calib bench throughput --model RN50 [--pretrained random] [--device cuda] [--batch-size 64]
-    python -m calib plan --profile paper --data-dir DIR [--full-size] [--json]
+    python -m calib plan --profile paper --data-dir DIR [--backbones M:P,...] [--seeds N] [--full-size] [--json]
     python -m calib report readme [--dataset toy]
 
 Exit status: 0 on success, 2 on bad input (wrong layout, unknown name), with one clear message.
@@ -202,9 +202,11 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from calib.plan import full_size_plan, paper_plan
+    from calib.plan import PAPER_BACKBONES, full_size_plan, paper_plan, parse_backbones
 
-    plan = full_size_plan() if args.full_size else paper_plan(Path(args.data_dir))
+    backbones = parse_backbones(args.backbones) if args.backbones else PAPER_BACKBONES
+    plan = (full_size_plan(backbones, seeds=args.seeds) if args.full_size
+            else paper_plan(Path(args.data_dir), backbones, seeds=args.seeds))
     if args.json:
         print(json.dumps({"rows": [asdict(r) for r in plan.rows], "skipped": plan.skipped,
                           "gpu_hours": plan.gpu_hours}, indent=2))
@@ -311,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--profile", choices=["paper"], default="paper")
     pl.add_argument("--data-dir", default=".", help="folder holding waterbirds/, celeba/, metashift/, chexpert/")
     pl.add_argument("--full-size", action="store_true", help="estimate as if every dataset were present")
+    pl.add_argument("--backbones", default=None,
+                    help="comma-separated MODEL:PRETRAINED pairs (default: RN50-quickgelu:openai,ViT-L-14-quickgelu:openai)")
+    pl.add_argument("--seeds", type=int, default=5, help="seeds per method (the paper: 5)")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=_cmd_plan)
 

@@ -58,6 +58,8 @@ class Plan:
     def gpu_hours(self) -> float:
         return sum(r.extraction_h + r.methods_h for r in self.rows)
 
+    seeds: int = len(PAPER_SEEDS)
+
     def render(self) -> str:
         lines = [f"skip {s}" for s in self.skipped]
         if self.rows:
@@ -65,10 +67,34 @@ class Plan:
             for r in self.rows:
                 lines.append(f"{r.dataset:11s} {r.model + '/' + r.pretrained:24s} {r.images:8d} {r.train:7d} "
                              f"{r.extraction_h:9.2f} {r.methods_h:9.2f}")
-        runs = sum(len(m) for m in NOTEBOOK_METHODS.values()) * len(PAPER_SEEDS)
-        lines.append(f"notebooks 01-05 per dataset x backbone: {runs} method runs ({len(PAPER_SEEDS)} seeds)")
+        runs = sum(len(m) for m in NOTEBOOK_METHODS.values()) * self.seeds
+        lines.append(f"notebooks 01-05 per dataset x backbone: {runs} method runs ({self.seeds} seeds)")
+        unknown = sorted({r.model for r in self.rows if r.model not in ASSUMED_IMG_S})
+        if unknown:
+            lines.append(f"no assumed speed for {', '.join(unknown)}: costed at the ViT-L-14 speed")
         lines.append(f"estimated total: {self.gpu_hours:.1f} GPU hours (assumed single-GPU speeds, see calib/plan.py)")
         return "\n".join(lines)
+
+
+def parse_backbones(text: str) -> tuple[tuple[str, str], ...]:
+    """``"RN50-quickgelu:openai,ViT-B-32:/ckpt.pt"`` -> ``(("RN50-quickgelu", "openai"), ("ViT-B-32", "/ckpt.pt"))``.
+
+    Each comma-separated item is ``MODEL:PRETRAINED``, split at its first colon (so ``local-dir:<folder>``
+    and ``random:<seed>`` keep theirs).
+    """
+    pairs = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        model, sep, pretrained = item.partition(":")
+        if not sep or not model or not pretrained:
+            raise ValueError(f"backbone {item!r}: expected MODEL:PRETRAINED, e.g. RN50-quickgelu:openai")
+        pairs.append((model, pretrained))
+    if not pairs:
+        raise ValueError("no backbone given: expected MODEL:PRETRAINED[,MODEL:PRETRAINED...]")
+    return tuple(pairs)
+
+
+def _img_s(model: str) -> float:
+    return ASSUMED_IMG_S.get(model, ASSUMED_IMG_S["ViT-L-14-quickgelu"])
 
 
 def method_seconds(n_train: int, seeds: int = len(PAPER_SEEDS)) -> float:
@@ -77,9 +103,10 @@ def method_seconds(n_train: int, seeds: int = len(PAPER_SEEDS)) -> float:
     return per_seed * seeds * n_train / WATERBIRDS_TRAIN
 
 
-def paper_plan(data_dir: Path, backbones: tuple = PAPER_BACKBONES, check_files: bool = False) -> Plan:
+def paper_plan(data_dir: Path, backbones: tuple = PAPER_BACKBONES, check_files: bool = False,
+               seeds: int = len(PAPER_SEEDS)) -> Plan:
     """Which datasets are present under ``data_dir`` and the estimated cost of the paper profile."""
-    plan = Plan()
+    plan = Plan(seeds=seeds)
     for name in PAPER_DATASETS:
         root = Path(data_dir) / name
         if not root.exists():
@@ -94,20 +121,20 @@ def paper_plan(data_dir: Path, backbones: tuple = PAPER_BACKBONES, check_files: 
         n_train = len(ds.splits["train"])
         for model, pretrained in backbones:
             plan.rows.append(PlanRow(dataset=name, model=model, pretrained=pretrained, images=n_images, train=n_train,
-                                     extraction_h=n_images / ASSUMED_IMG_S[model] / 3600,
-                                     methods_h=method_seconds(n_train) / 3600))
+                                     extraction_h=n_images / _img_s(model) / 3600,
+                                     methods_h=method_seconds(n_train, seeds) / 3600))
     return plan
 
 
-def full_size_plan(backbones: tuple = PAPER_BACKBONES) -> Plan:
+def full_size_plan(backbones: tuple = PAPER_BACKBONES, seeds: int = len(PAPER_SEEDS)) -> Plan:
     """The plan with every paper dataset present at its published size (for the cost estimate)."""
     # (images, training images): Waterbirds and CelebA exact; MetaShift and CheXpert approximate (they depend
     # on the construction: CheXpert-small has 223,648 rows before the demographics join)
     sizes = {"waterbirds": (11788, 4795), "celeba": (202599, 162770), "metashift": (3447, 2275),
              "chexpert": (223648, 167700)}
-    plan = Plan()
+    plan = Plan(seeds=seeds)
     for name, (n, n_train) in sizes.items():
         for model, pretrained in backbones:
-            plan.rows.append(PlanRow(name, model, pretrained, n, n_train, n / ASSUMED_IMG_S[model] / 3600,
-                                     method_seconds(n_train) / 3600))
+            plan.rows.append(PlanRow(name, model, pretrained, n, n_train, n / _img_s(model) / 3600,
+                                     method_seconds(n_train, seeds) / 3600))
     return plan

@@ -173,6 +173,28 @@ def load_results(paths_or_experiments: Iterable[str | Path] | str | Path, result
     return df.drop_duplicates(subset=list(KEY_FIELDS), keep="last").reset_index(drop=True)
 
 
+def select_rows(
+    df: pd.DataFrame,
+    datasets: Iterable[str] | None = None,
+    backbones: Iterable[Iterable[str]] | None = None,
+    methods: Iterable[str] | None = None,
+    seeds: Iterable[int] | None = None,
+    variants: Iterable[str] | None = None,
+) -> pd.DataFrame:
+    """The rows of ``df`` (from :func:`load_results`) matching every filter given; ``None`` keeps all.
+
+    ``backbones`` holds ``(model, pretrained)`` pairs: rows of the same model under other weights are dropped.
+    """
+    keep = np.ones(len(df), dtype=bool)
+    for column, wanted in (("dataset", datasets), ("method", methods), ("seed", seeds), ("variant", variants)):
+        if wanted is not None:
+            keep &= df[column].isin(list(wanted)).to_numpy()
+    if backbones is not None:
+        pairs = {tuple(b) for b in backbones}
+        keep &= np.array([(m, p) in pairs for m, p in zip(df["model"], df["pretrained"])], dtype=bool)
+    return df[keep]
+
+
 def summarize(
     df: pd.DataFrame,
     metrics: tuple[str, ...] = ("test.avg_acc", "test.avg_acc_trainw", "test.wga"),

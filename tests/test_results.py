@@ -4,13 +4,14 @@ import pandas as pd
 import pytest
 
 from calib.report import render_table, results_table
-from calib.results import append_rows, load_results, make_row, read_rows, summarize, to_latex, to_markdown
+from calib.results import (append_rows, load_results, make_row, read_rows, select_rows, summarize, to_latex,
+                           to_markdown)
 
 
-def _row(method, seed, wga, acc=0.9, experiment="exp"):
+def _row(method, seed, wga, acc=0.9, experiment="exp", dataset="toy", model="m", pretrained="p"):
     m = {"test": {"wga": wga, "avg_acc": acc, "avg_acc_trainw": acc, "worst_class_acc": acc,
                   "group_acc": [acc, wga], "group_n": [5, 5]}}
-    return make_row(experiment=experiment, method=method, dataset="toy", model="m", pretrained="p", seed=seed,
+    return make_row(experiment=experiment, method=method, dataset=dataset, model=model, pretrained=pretrained, seed=seed,
                     options={"lr": 0.1}, metrics=m, extra={"label_needs": "none"})
 
 
@@ -67,3 +68,15 @@ def test_label_marks_in_table():
     table = results_table(rows)
     assert list(table["method"]) == ["a", "b†"]
     assert "† uses validation group labels" in render_table(table)
+
+
+def test_select_rows(tmp_path):
+    path = tmp_path / "exp.jsonl"
+    append_rows([_row("cfr", 0, 0.5), _row("cfr", 1, 0.5), _row("dfr", 0, 0.5),
+                 _row("cfr", 0, 0.5, pretrained="other"), _row("cfr", 0, 0.5, dataset="celeba")], path)
+    df = load_results(path)
+    assert len(select_rows(df)) == 5
+    picked = select_rows(df, datasets=["toy"], backbones=[["m", "p"]], methods=["cfr"], seeds=[0])
+    assert len(picked) == 1 and picked.iloc[0]["pretrained"] == "p"  # the same model under other weights is dropped
+    assert set(select_rows(df, backbones=[("m", "other")]).pretrained) == {"other"}
+    assert len(select_rows(df, seeds=[0, 1], methods=["cfr"], datasets=["toy"])) == 3
