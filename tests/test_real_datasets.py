@@ -83,6 +83,15 @@ def test_chexpert_sex_race(tmp_path):
             assert (a // 3 == 1) == (i % 2 == 1)  # Male -> 3 * 1 + race
 
 
+def test_chexpert_too_small_to_stratify_still_splits(tmp_path):
+    """Every group has at least two images, but the validation split (10 images) is smaller than the 12 groups:
+    that split falls back to a plain seeded random split instead of failing inside sklearn."""
+    ds = load_dataset("chexpert", chexpert(tmp_path / "small", n=96))
+    assert {s: len(t) for s, t in ds.splits.items()} == {"train": 71, "val": 10, "test": 15}
+    again = load_dataset("chexpert", tmp_path / "small")
+    assert again.splits["test"].ids.tolist() == ds.splits["test"].ids.tolist()
+
+
 def test_chexpert_needs_the_demographics(tmp_path):
     root = chexpert(tmp_path / "CheXpert-v1.0-small", n=8)
     (root / "CHEXPERT DEMO.csv").unlink()

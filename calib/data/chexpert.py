@@ -31,6 +31,19 @@ HINT = ("CheXpert requires registration: request CheXpert-v1.0-small at https://
         "'CHEXPERT DEMO.csv' (or .xlsx) in one folder and pass it as --root.")
 
 
+def _strata(g: np.ndarray, test_size: float) -> np.ndarray | None:
+    """``g`` when a split stratified by it is possible, else ``None`` (a plain random split).
+
+    Stratifying needs every present group twice and both sides at least as large as the number of groups;
+    the full dataset always qualifies, small subsets (fixtures, debugging cuts) may not.
+    """
+    _, counts = np.unique(g, return_counts=True)
+    n_test = int(np.ceil(test_size * len(g)))
+    if counts.min() < 2 or min(n_test, len(g) - n_test) < len(counts):
+        return None
+    return g
+
+
 def _fail(root: Path, problem: str) -> DatasetLayoutError:
     return DatasetLayoutError(f"CheXpert layout problem in {root}: {problem}\n{HINT}")
 
@@ -99,10 +112,8 @@ def load_chexpert(root: Path, check_files: bool = True, name: str = "chexpert", 
         if absent:
             raise _fail(root, f"{len(absent)} image(s) listed are absent, e.g. {absent[:2]}")
     idx = np.arange(len(df))
-    stratify = g if np.bincount(g).min() >= 2 else None
-    rest, test = train_test_split(idx, test_size=0.15, random_state=42, stratify=stratify)
-    strat_rest = g[rest] if stratify is not None and np.bincount(g[rest]).min() >= 2 else None
-    train, val = train_test_split(rest, test_size=0.10 / 0.85, random_state=42, stratify=strat_rest)
+    rest, test = train_test_split(idx, test_size=0.15, random_state=42, stratify=_strata(g, 0.15))
+    train, val = train_test_split(rest, test_size=0.10 / 0.85, random_state=42, stratify=_strata(g[rest], 0.10 / 0.85))
     splits = {}
     for split, part in (("train", np.sort(train)), ("val", np.sort(val)), ("test", np.sort(test))):
         splits[split] = SplitTable(paths=[paths[i] for i in part], y=y[part], a=a[part].astype(np.int64),
