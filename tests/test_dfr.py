@@ -81,3 +81,39 @@ def test_scaler_variants_and_determinism():
     assert a.metrics["test"]["wga"] > 0.6  # DFR undoes the spurious attribute here
     with pytest.raises(ValueError, match="scaler"):
         run_method("dfr", data, options={"scaler": "test"})
+
+
+def test_three_classes_fit_one_vs_rest_like_the_published_liblinear():
+    """sklearn >= 1.8 refuses multiclass liblinear; DFR fits one-vs-rest, as liblinear itself did when DFR was
+    published.  Each class's row must equal a binary liblinear fit of that class against the rest."""
+    from calib.methods.dfr import fit_l1
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 40)
+    x = rng.normal(size=(120, 4)) + 2.0 * np.eye(3, 4)[y]
+    coef, intercept = fit_l1(0.3, np.random.default_rng(1), x, y, 3)
+    assert coef.shape == (3, 4) and intercept.shape == (3,)
+    seed = int(np.random.default_rng(1).integers(2**31 - 1))  # the liblinear seed fit_l1 draws
+    for k in range(3):
+        ref = l1_logistic(0.3, np.random.default_rng(1)).set_params(random_state=seed).fit(x, (y == k).astype(int))
+        np.testing.assert_allclose(coef[k], ref.coef_[0], rtol=1e-6, atol=1e-8)
+    splits = {}
+    for i, split in enumerate(("train", "val", "test")):
+        r = np.random.default_rng(10 + i)
+        yy = np.repeat(np.arange(3), 60)
+        a = r.integers(0, 2, len(yy))
+        z = (r.normal(size=(len(yy), 4)) + 2.0 * np.eye(3, 4)[yy]).astype(np.float32)
+        splits[split] = SplitFeatures(z=z, y=yy, g=2 * yy + a)
+    data = FeatureSet(splits=splits, text=None, logit_scale=1.0, n_groups=6, class_names=["a", "b", "c"],
+                      group_names=[str(k) for k in range(6)])
+    run = run_method("dfr", data, seed=0)
+    assert run.metrics["test"]["avg_acc"] > 0.8
+
+
+def test_a_validation_set_too_small_for_the_protocol_is_a_clear_error():
+    data = _features()
+    val = data.splits["val"]
+    keep = np.flatnonzero(val.y == 0)  # a validation split without class 1: no balanced fit can work
+    data.splits["val"] = SplitFeatures(z=val.z[keep], y=val.y[keep], g=val.g[keep])
+    with pytest.raises(ValueError, match="validation split is too small for DFR"):
+        run_method("dfr", data, seed=0)
