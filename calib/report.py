@@ -54,8 +54,17 @@ def write_tables(table: pd.DataFrame, name: str, figures_dir: Path | None = None
 PROTOCOLS = (("val_wga", "paper protocol"), ("val_worst_class", "no group labels"))
 
 
-def main_table(df: pd.DataFrame, metrics: tuple[str, ...] = ("test.avg_acc", "test.wga")) -> pd.DataFrame:
+# the main table's row order: the paper's (no-label baselines, label-using baselines, the oracle, CFR last)
+TABLE_ORDER = ("zeroshot", "linear_probe", "clip_erm", "dfr", "jtt", "afr", "contrastive_adapter", "umfc", "groupdro",
+               "cfr")
+
+
+def main_table(df: pd.DataFrame, metrics: tuple[str, ...] = ("test.avg_acc", "test.wga"),
+               methods: list[str] | tuple[str, ...] = TABLE_ORDER) -> pd.DataFrame:
     """One row per (dataset, model, method), the two selection protocols side by side.
+
+    Rows follow datasets and models in order of appearance, then ``methods`` order (others last), whatever
+    order the result rows were written in.
 
     "paper protocol": epochs / models selected by validation worst-group accuracy (the released
     code's protocol).  "no group labels": selected by validation worst-class accuracy; methods that
@@ -82,8 +91,11 @@ def main_table(df: pd.DataFrame, metrics: tuple[str, ...] = ("test.avg_acc", "te
                     rec[f"{label}: {TABLE_HEADERS.get(m, m)}"] = "—"
                     rec[f"{label}: {m}_mean"] = float("nan")
         rec["seeds"] = int(part["seed"].nunique())
-        records.append(rec)
-    return pd.DataFrame(records)
+        records.append(((ds, model), method, rec))
+    first = {k: i for i, k in enumerate(dict.fromkeys(zip(df["dataset"], df["model"])))}
+    rank = {m: i for i, m in enumerate(methods)}
+    order = sorted(range(len(records)), key=lambda i: (first[records[i][0]], rank.get(records[i][1], len(rank)), i))
+    return pd.DataFrame([records[i][2] for i in order])
 
 
 def render_main_table(table: pd.DataFrame, fmt: str = "markdown", caption: str = "") -> str:

@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from calib.report import render_table, results_table
+from calib.report import main_table, render_table, results_table
 from calib.results import (append_rows, load_results, make_row, read_rows, select_rows, summarize, to_latex,
                            to_markdown)
 
@@ -80,3 +80,27 @@ def test_select_rows(tmp_path):
     assert len(picked) == 1 and picked.iloc[0]["pretrained"] == "p"  # the same model under other weights is dropped
     assert set(select_rows(df, backbones=[("m", "other")]).pretrained) == {"other"}
     assert len(select_rows(df, seeds=[0, 1], methods=["cfr"], datasets=["toy"])) == 3
+
+
+def test_main_table_protocols_marks_and_order():
+    def row(ds, method, seed, wga, selection=None):
+        return {"dataset": ds, "model": "m", "method": method, "seed": seed, "test.wga": wga, "test.avg_acc": 0.8,
+                "options": {"selection": selection} if selection else {}}
+
+    rows = pd.DataFrame([  # written in an order unlike the table's
+        row("toy", "cfr", 0, 0.30, "val_wga"), row("toy", "cfr", 0, 0.20, "val_worst_class"),
+        row("toy", "cfr", 1, 0.40, "val_wga"), row("toy", "cfr", 1, 0.10, "val_worst_class"),
+        row("toy", "dfr", 0, 0.70, "val_wga"), row("celeba", "cfr", 0, 0.5, "val_wga"),
+        row("toy", "zeroshot", 0, 0.25), row("toy", "zeroshot", 1, 0.25),
+    ])
+    table = main_table(rows)
+    assert list(zip(table["dataset"], table["method"])) == [("toy", "zeroshot"), ("toy", "dfr†"), ("toy", "cfr"),
+                                                            ("celeba", "cfr")]
+    cfr = table.iloc[2]
+    assert cfr["paper protocol: worst-group acc"] == "35.0 ± 7.1"  # mean of 30 and 40; std sqrt(50)
+    assert cfr["no group labels: worst-group acc"] == "15.0 ± 7.1"
+    dfr = table.iloc[1]
+    assert dfr["paper protocol: worst-group acc"] == "70.0 ± 0.0" and dfr["no group labels: worst-group acc"] == "—"
+    zs = table.iloc[0]  # no selection: the same numbers under both protocols
+    assert zs["paper protocol: worst-group acc"] == zs["no group labels: worst-group acc"] == "25.0 ± 0.0"
+    assert list(main_table(rows, methods=["cfr", "dfr", "zeroshot"])["method"])[:3] == ["cfr", "dfr†", "zeroshot"]
