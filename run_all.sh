@@ -32,11 +32,18 @@ while [ $# -gt 0 ]; do
     --data-dir) data_dir_arg="$2"; shift ;;
     --backbones) backbones_arg="$2"; shift ;;
     --dry-run) dry=1 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
+
+case "$profile" in
+  paper) [ -n "$data_dir_arg" ] || { echo "--profile paper needs --data-dir DIR" >&2; exit 2; } ;;
+  toy) [ "$dry" = 0 ] || { echo "--dry-run applies to --profile paper" >&2; exit 2; }
+       [ -z "$backbones_arg" ] || { echo "--backbones applies to --profile paper (the toy profile uses the toy CLIP)" >&2; exit 2; } ;;
+  *) echo "unknown profile $profile (toy or paper)" >&2; exit 2 ;;
+esac
 
 # shellcheck source=scripts/bootstrap.sh
 source "$ROOT/scripts/bootstrap.sh"
@@ -49,7 +56,6 @@ export PYTHONHASHSEED=0
 cd "$ROOT"
 
 if [ "$profile" = paper ]; then
-  [ -n "$data_dir_arg" ] || { echo "--profile paper needs --data-dir DIR" >&2; exit 2; }
   data_dir_arg="$(cd "$data_dir_arg" && pwd)"
   if [ "$quick" = 1 ]; then seeds_yaml="[0]"; epochs_yaml=", epochs: 3"; ablations_yaml=", ablations: [CFR (default)]"
   else seeds_yaml="[0, 1, 2, 3, 4]"; epochs_yaml=""; ablations_yaml=""; fi
@@ -95,7 +101,6 @@ for r in paper_plan(Path(sys.argv[1]), bb).rows: print(r.dataset, r.model, r.pre
   echo "[calib] paper profile done in $SECONDS s; figures in $CALIB_HOME/figures, executed notebooks in $executed"
   exit 0
 fi
-[ "$dry" = 1 ] && { echo "--dry-run applies to --profile paper" >&2; exit 2; }
 
 if [ "$quick" = 1 ]; then
   dataset=toy-quick; pretrained=toy-quick

@@ -56,9 +56,12 @@ def test_run_all_paper_dry_run(tmp_path):
     assert "skip celeba: not found" in r.stdout and "skip chexpert: not found" in r.stdout
     assert "waterbirds" in r.stdout and "ViT-L-14-quickgelu/openai" in r.stdout and "GPU hours" in r.stdout
     assert not (tmp_path / "home" / "results").exists()  # a dry run runs nothing
-    r = subprocess.run(["bash", str(REPO / "run_all.sh"), "--profile", "paper"], capture_output=True, text=True,
-                       env=env, timeout=300)
-    assert r.returncode == 2 and "--data-dir" in r.stderr
+    for args, message in ((["--profile", "paper"], "--data-dir"), (["--dry-run"], "applies to --profile paper"),
+                          (["--backbones", "RN50:openai"], "applies to --profile paper"),
+                          (["--profile", "nope"], "unknown profile")):
+        r = subprocess.run(["bash", str(REPO / "run_all.sh"), *args], capture_output=True, text=True, env=env,
+                           timeout=300)
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
 
 
 def test_plan_command_json(tmp_path):
