@@ -57,6 +57,7 @@ def peak_bf16(name: str) -> float | None:
     return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
 
 
+@torch.no_grad()
 def flops_per_image(loaded: LoadedClip, size: int) -> float:
     """FLOPs of one image's pre-projection pass (multiply-add = 2 FLOPs)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -73,6 +74,7 @@ def _sync(device: str) -> None:
 
 
 @torch.no_grad()
+@torch.no_grad()  # as in extraction: timing with autograd on would build graphs and undercount
 def model_bound(loaded: LoadedClip, batch_size: int, size: int, amp: bool, seconds: float = 10.0) -> float:
     """Images/s of the model alone on a batch already on the device."""
     dev = torch.device(loaded.device)

@@ -72,8 +72,18 @@ def test_plan_command_json(tmp_path):
     assert len(out["rows"]) == 8 and out["gpu_hours"] > 0
 
 
-def test_throughput_accounting():
+def test_throughput_accounting(monkeypatch):
+    import calib.throughput as tp
     from calib.models import load_clip
+
+    grad_modes = []
+    real_encode = tp.encode_pre_projection
+
+    def spy(model, x):
+        grad_modes.append(torch.is_grad_enabled())
+        return real_encode(model, x)
+
+    monkeypatch.setattr(tp, "encode_pre_projection", spy)
 
     torch.manual_seed(0)
     loaded = load_clip("calib-toy-vit", "random", device="cpu")
@@ -82,6 +92,7 @@ def test_throughput_accounting():
     assert t.image_size == 64 and t.amp is False
     assert t.achieved_tflops == pytest.approx(t.model_bound_img_s * t.gflop_per_image / 1e3)
     assert t.fraction_of_peak is None  # no known peak for a CPU
+    assert grad_modes and not any(grad_modes)  # both timings run without autograd, as extraction does
     assert peak_bf16("NVIDIA H200") == 989.0 and peak_bf16("NVIDIA A100-SXM4-80GB") == 312.0
 
 
