@@ -53,12 +53,11 @@ class PlanRow:
 class Plan:
     rows: list[PlanRow] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    seeds: int = len(PAPER_SEEDS)  # seeds per method, for the run count and the estimate
 
     @property
     def gpu_hours(self) -> float:
         return sum(r.extraction_h + r.methods_h for r in self.rows)
-
-    seeds: int = len(PAPER_SEEDS)
 
     def render(self) -> str:
         lines = [f"skip {s}" for s in self.skipped]

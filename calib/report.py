@@ -54,7 +54,7 @@ def write_tables(table: pd.DataFrame, name: str, figures_dir: Path | None = None
 PROTOCOLS = (("val_wga", "paper protocol"), ("val_worst_class", "no group labels"))
 
 
-# the main table's row order: the paper's (no-label baselines, label-using baselines, the oracle, CFR last)
+# the main table's row order (as in notebook 03): the baselines, then the GroupDRO oracle, then CFR
 TABLE_ORDER = ("zeroshot", "linear_probe", "clip_erm", "dfr", "jtt", "afr", "contrastive_adapter", "umfc", "groupdro",
                "cfr")
 
