@@ -70,6 +70,8 @@ class FeatureSet:
     W0: np.ndarray | None = None
     b0: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
+    # known unit directions of h-space, name -> [d_h] (only for synthetic features such as the testbed)
+    directions: dict[str, np.ndarray] | None = None
 
     @property
     def n_classes(self) -> int:

@@ -10,6 +10,7 @@ from calib.bench import synthetic_features
 from calib.methods import run_method
 from calib.methods.cfr import CFROptions, calibration_set, loss_weight, reference_erm
 from calib.methods.heads import normalize
+from calib.methods.projection import ProjectionHead
 from calib.methods.losses import TSCLoss, info_nce, simplex_targets, supcon_loss
 
 FAST = {"epochs": 3, "reference_epochs": 3}
@@ -77,7 +78,11 @@ def test_hard_negatives_are_the_nearest_other_class_samples(synth, cfr_zs):
 
 def test_only_the_projection_and_scale_learn(synth, cfr_zs):
     head = cfr_zs.instance.head
-    assert {n for n, p in head.named_parameters() if p.requires_grad} == {"W", "b", "log_s"}
+    # a ViT's proj has no bias (b0 = 0): the release trains none, nor does calib; RN50's c_proj has one
+    assert {n for n, p in head.named_parameters() if p.requires_grad} == {"W", "log_s"}
+    np.testing.assert_array_equal(head.b.detach().numpy(), 0)
+    with_bias = ProjectionHead(synth.W0, np.ones(16, np.float32), synth.text, 14.3)
+    assert {n for n, p in with_bias.named_parameters() if p.requires_grad} == {"W", "b", "log_s"}
     np.testing.assert_array_equal(head.text.numpy(), synth.text)
     assert not np.allclose(head.W.detach().numpy(), synth.W0)
     assert list(TSCLoss(16, 2).parameters()) == []  # the regulariser has buffers, nothing trainable
@@ -145,7 +150,8 @@ def test_tsc_matches_a_dense_reference():
     cp = (y[:, None] == ref_m.queue_labels[None]).float()
     tp = F.one_hot(target[y], 2).float()
     den = 1 + cp.sum(1) + tp.sum(1)
-    ref = (-((cp * lp[:, 1:65]).sum(1) / den).mean() + 0.2 * -((tp * lp[:, 65:]).sum(1) / den).mean()
+    # the release's class mask (TSC.py: mask_pos_view_class) has a 1 in the self column as well
+    ref = (-(((cp * lp[:, 1:65]).sum(1) + lp[:, 0]) / den).mean() + 0.2 * -((tp * lp[:, 65:]).sum(1) / den).mean()
            - lp[:, 0].mean())
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     g1 = torch.autograd.grad(loss, q, retain_graph=True)[0]

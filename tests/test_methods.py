@@ -7,7 +7,7 @@ import pytest
 from calib.features import FeatureSet, SplitFeatures
 from calib.methods import REGISTRY, create, describe_methods, run_method
 from calib.methods.heads import normalize, zero_shot_logits
-from calib.methods.projection import ProjectionHead
+from calib.methods.projection import ProjectionHead, initial_logit_scale
 
 
 def test_registry_lists_label_needs():
@@ -64,8 +64,15 @@ def test_clip_erm_trains_only_projection_and_scale():
     data = _synthetic()
     run = run_method("clip_erm", data, seed=0, options={"epochs": 5, "lr": 0.05, "selection": "last"})
     head: ProjectionHead = run.instance.head
-    assert {n for n, p in head.named_parameters() if p.requires_grad} == {"W", "b", "log_s"}
+    trainable = {"W", "log_s"} | ({"b"} if np.any(data.b0) else set())  # a bias only where the tower has one
+    assert {n for n, p in head.named_parameters() if p.requires_grad} == trainable
     assert not np.allclose(head.W.detach().numpy(), data.W0)
+    # the head starts at the release's scale 1/0.07 (ZeroShotCLIP.logit_scale), not the pretrained one
+    first = ProjectionHead(data.W0, data.b0, data.text, initial_logit_scale(data, "release"))
+    assert float(first.log_s.exp()) == pytest.approx(1 / 0.07)
+    assert initial_logit_scale(data, "pretrained") == pytest.approx(data.logit_scale)
+    with pytest.raises(ValueError, match="allowed"):
+        initial_logit_scale(data, "clip")
     np.testing.assert_array_equal(head.text.numpy(), data.text)  # the text side stays frozen
     assert len(run.history) == 5 and run.history[-1]["selected"]
 

@@ -1,6 +1,7 @@
 """CFR: Contrastive Feature Recalibration (You et al., CVPR 2024), on cached pre-projection features.
 
-Steps (see ../shared/docs/method.md):
+Steps (see ../shared/docs/method.md; every line is checked against the released code in
+docs/cfr_fidelity.md):
 
 1. Reference model: CLIP+ERM (``reference="erm"``) or the pretrained projection (``"zeroshot"``).
 2. Calibration set: the training samples the reference misclassifies (``"misclassified"``) or the
@@ -8,20 +9,30 @@ Steps (see ../shared/docs/method.md):
    labels are never read; the set's group composition is recorded only as a diagnostic.
 3. For each anchor of class y: ``positives`` correctly classified class-y samples (uniformly random
    each step, or nearest in reference-embedding space) and ``negatives`` other-class samples nearest
-   to the anchor in reference-embedding space (``negative_rule="hard"``).  All three pass through the
-   *current* projection and are L2-normalised at every step, so gradients reach ``W`` through all.
+   to the anchor (``negative_rule="hard"``; in reference-embedding space, or in the frozen
+   pre-projection space where the release computes them).  All three pass through the *current*
+   projection and are L2-normalised at every step, so gradients reach ``W`` through all.
 4. Per step, B regular training samples paired with B anchors (the release pairs training sample i
    with calibration sample i mod |cal|; an epoch is one pass over the training set)::
 
-       L = c(e) * (CE(anchors) + L_con) + L_reg(regular batch)
+       L = c(e) * (a * CE(anchors) + k * L_con) + L_reg(regular batch)
 
-   ``L_con``: mean over positives of InfoNCE(anchor, positive vs the negatives, temperature tau);
-   ``L_reg``: TSC (as released), CE, SupCon or none; ``c(e) = 1 + 0.5 cos(2 pi e / E)`` (the
-   intended schedule) or the constant 1.5 that the release actually ran.
+   As in the release, dropout acts on the normalised image feature of the regular batch and of the
+   anchors (not of positives and negatives); the anchor CE uses the dropped-out feature, InfoNCE its
+   re-normalisation.  ``L_con``: mean over positives of InfoNCE(anchor, positive vs the negatives,
+   temperature tau); ``L_reg``: TSC (as released), CE, SupCon or none; ``c(e) = 1 + 0.5 cos(2 pi e / E)``
+   (the intended schedule) or the constant 1.5 that the release actually ran; ``a = k = 1`` (the
+   release; the term weights exist to take CFR apart).  The logit scale starts at the release's
+   1/0.07 and trains (``logit_scale_init``).
 5. Epoch selection: ``val_wga`` / ``val_worst_class`` / ``last``.  6. Predict with the zero-shot head.
 
 ``faithful_release=True`` reproduces three behaviours of the released code: negatives overwritten
 by random *same-class* samples, dropout left on at evaluation, and the loss weight stuck at 1.5.
+
+``history`` holds, per epoch, each loss term, ``c``, the gradient norm, ``||W - W0||``, the logit
+scale, training and validation accuracy per group (diagnostics only: no label-free protocol reads
+them), the calibration set's accuracy and, on features with known directions (the testbed), the
+logit weight of each direction.
 """
 from __future__ import annotations
 
@@ -36,13 +47,17 @@ import torch.nn.functional as F
 from calib.features import FeatureSet, SplitFeatures
 from calib.methods.base import register
 from calib.methods.losses import TSCLoss, info_nce, supcon_loss
+from calib.metrics import group_accuracy
+from calib.methods.diagnostics import direction_weights
 from calib.methods.projection import (
+    LOGIT_SCALE_INITS,
     SELECTION_RULES,
+    ClipERMOptions,
     ProjectionHead,
     ProjectionMethod,
-    ProjectionOptions,
     fit_head,
     fit_projection,
+    initial_logit_scale,
     resolve_device,
 )
 
@@ -53,6 +68,8 @@ CHOICES = {
     "calibration": ("misclassified", "low_margin"),
     "positive_rule": ("random", "nearest"),
     "negative_rule": ("hard", "random_same_class"),
+    "negative_space": ("reference", "pre_projection"),
+    "logit_scale_init": LOGIT_SCALE_INITS,
     "regularizer": ("tsc", "ce", "supcon", "none"),
     "weight_schedule": ("cosine", "constant"),
     "epoch_unit": ("train", "calibration"),
@@ -72,7 +89,10 @@ class CFROptions:
     negatives: int = 16  # N negatives per anchor
     positive_rule: str = "random"  # "random" (fresh each step) or "nearest" (reference-space neighbours)
     negative_rule: str = "hard"  # "hard" (nearest other-class) or "random_same_class" (as released)
+    negative_space: str = "reference"  # where "hard" means nearest: "reference" embeddings or frozen "pre_projection" h
     temperature: float = 1.0  # tau of the InfoNCE term
+    anchor_ce_weight: float = 1.0  # a: weight of the anchor CE inside c(e) * (...) (1 in the release)
+    contrastive_weight: float = 1.0  # k: weight of InfoNCE inside c(e) * (...) (1 in the release)
     regularizer: str = "tsc"  # L_reg on the regular batch: "tsc" (released), "ce", "supcon", "none"
     tsc_temperature: float = 0.07  # TSC / SupCon temperature
     tsc_target_weight: float = 0.2  # TSC weight of the class-target positive
@@ -88,6 +108,7 @@ class CFROptions:
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 1e-5  # SGD weight decay
     train_logit_scale: bool = True  # also learn the logit scale s
+    logit_scale_init: str = "release"  # initial s: "release" (1/0.07, the CFR code's own scale) or "pretrained"
     selection: str = "val_wga"  # epoch selection: val_wga | val_worst_class | last
     faithful_release: bool = False  # reproduce the released negatives / eval dropout / stuck schedule
     device: str = "auto"  # cuda when present
@@ -98,17 +119,20 @@ class CFROptions:
                 raise ValueError(f"CFR option {name}={getattr(self, name)!r}; allowed: {list(allowed)}")
         if self.positives < 1 or self.negatives < 1 or self.epochs < 1:
             raise ValueError("CFR needs positives >= 1, negatives >= 1 and epochs >= 1")
+        if self.anchor_ce_weight < 0 or self.contrastive_weight < 0:
+            raise ValueError("CFR term weights anchor_ce_weight and contrastive_weight must be >= 0")
 
-    def projection_options(self, epochs: int, dropout: float) -> ProjectionOptions:
-        return ProjectionOptions(epochs=epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
-                                 weight_decay=self.weight_decay, train_logit_scale=self.train_logit_scale,
-                                 dropout=dropout, selection=self.selection, device=self.device)
+    def projection_options(self, epochs: int, dropout: float) -> ClipERMOptions:
+        return ClipERMOptions(epochs=epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
+                              weight_decay=self.weight_decay, train_logit_scale=self.train_logit_scale,
+                              dropout=dropout, selection=self.selection, device=self.device,
+                              logit_scale_init=self.logit_scale_init)
 
 
 _REFERENCES: dict[tuple, tuple[dict, list[dict]]] = {}
 
 
-def reference_erm(data: FeatureSet, opts: ProjectionOptions, seed: int) -> tuple[ProjectionHead, list[dict]]:
+def reference_erm(data: FeatureSet, opts: ClipERMOptions, seed: int) -> tuple[ProjectionHead, list[dict]]:
     """The CLIP+ERM reference head, trained once per (features, options, seed) in this process."""
     key = (data.meta.get("weights"), data.meta.get("dataset_version"), id(data) if not data.meta else None,
            tuple(sorted(asdict(opts).items())), seed)
@@ -121,7 +145,8 @@ def reference_erm(data: FeatureSet, opts: ProjectionOptions, seed: int) -> tuple
             _REFERENCES.pop(next(iter(_REFERENCES)))
         _REFERENCES[key] = ({k: v.detach().clone() for k, v in head.state_dict().items()}, hist)
     state, hist = _REFERENCES[key]
-    head = ProjectionHead(data.W0, data.b0, data.text, data.logit_scale, opts.train_logit_scale).to(device)
+    head = ProjectionHead(data.W0, data.b0, data.text, initial_logit_scale(data, opts.logit_scale_init),
+                          opts.train_logit_scale).to(device)
     head.load_state_dict(state)
     return head.eval(), hist
 
@@ -198,6 +223,8 @@ class CFR(ProjectionMethod):
                 log.warning("no correctly classified training sample of class %d; positives drawn from the class", c)
         cal_t = torch.as_tensor(cal, device=device)
         cal_y = y[cal_t]
+        # the release ranks negatives by cosine in the frozen backbone's pre-projection space (then overwrites them)
+        neg_space = ref_emb if o.negative_space == "reference" else F.normalize(h, dim=-1)
         self.hard_negatives = torch.empty(len(cal), o.negatives, dtype=torch.long, device=device)
         self.nearest_positives = torch.empty(len(cal), o.positives, dtype=torch.long, device=device)
         for c in range(data.n_classes):
@@ -205,7 +232,7 @@ class CFR(ProjectionMethod):
             if len(rows) == 0:
                 continue
             others = torch.nonzero(y != c).flatten()
-            nn_idx = nearest(ref_emb[cal_t[rows]], ref_emb[others], o.negatives)
+            nn_idx = nearest(neg_space[cal_t[rows]], neg_space[others], o.negatives)
             self.hard_negatives[rows] = others[_pad(nn_idx, o.negatives, gen)]
             if o.positive_rule == "nearest":
                 pool = pools[c]
@@ -262,23 +289,57 @@ class CFR(ProjectionMethod):
             e_pos = emb[2 * b:2 * b + p_n].view(*pos.shape, -1)
             e_neg = emb[2 * b + p_n:].view(*neg.shape, -1)
             scale = head.log_s.exp()
-            ce_anchor = F.cross_entropy(scale * head.dropout(e_anc) @ head.text.T, y[anchors])
-            l_con = info_nce(e_anc, e_pos, e_neg, o.temperature)
-            loss = loss_weight(epoch, o.epochs, o) * (ce_anchor + l_con)
+            d_anc = head.dropout(e_anc)  # as released: one dropout draw feeds the anchor CE and InfoNCE
+            ce_anchor = F.cross_entropy(scale * d_anc @ head.text.T, y[anchors])
+            l_con = info_nce(F.normalize(d_anc, dim=-1), e_pos, e_neg, o.temperature)
+            c = loss_weight(epoch, o.epochs, o)
+            loss = c * (o.anchor_ce_weight * ce_anchor + o.contrastive_weight * l_con)
             if o.regularizer == "ce":
-                loss = loss + F.cross_entropy(scale * head.dropout(e_reg) @ head.text.T, y[idx])
+                l_reg = F.cross_entropy(scale * head.dropout(e_reg) @ head.text.T, y[idx])
             elif o.regularizer == "supcon":
-                loss = loss + supcon_loss(head.dropout(e_reg), y[idx], o.tsc_temperature)
+                l_reg = supcon_loss(head.dropout(e_reg), y[idx], o.tsc_temperature)
             elif o.regularizer == "tsc":
-                loss = loss + tsc(F.normalize(head.dropout(e_reg), dim=-1), y[idx])
-            return loss
+                l_reg = tsc(F.normalize(head.dropout(e_reg), dim=-1), y[idx])
+            else:
+                l_reg = torch.zeros((), device=device)
+            terms["anchor_ce"] += ce_anchor.detach()
+            terms["contrastive"] += l_con.detach()
+            terms["regularizer"] += l_reg.detach()
+            terms["steps"] += 1
+            return loss + l_reg
+
+        terms = {k: torch.zeros((), device=device) for k in ("anchor_ce", "contrastive", "regularizer", "steps")}
+        W0 = torch.as_tensor(data.W0, dtype=torch.float32, device=device)
+        w0_norm = float(torch.linalg.matrix_norm(W0))
+        val = data.splits.get("val")
+        h_val = torch.as_tensor(val.h, device=device) if val is not None else None
+
+        def epoch_end(hd: ProjectionHead, epoch: int) -> dict:
+            """Diagnostics of one epoch (read by no selection rule)."""
+            steps = max(1.0, float(terms["steps"]))
+            rec = {f"loss_{k}": float(terms[k]) / steps for k in ("anchor_ce", "contrastive", "regularizer")}
+            for v in terms.values():
+                v.zero_()
+            shift = float(torch.linalg.matrix_norm(hd.W - W0))
+            rec.update(c=loss_weight(epoch, o.epochs, o), w_shift=shift, w_shift_rel=shift / w0_norm,
+                       logit_scale=float(hd.log_s.exp()))
+            pred = hd(h).argmax(1).cpu().numpy()
+            rec["train_group_acc"] = group_accuracy(pred, tr.y, tr.g, data.n_groups).tolist()
+            rec["calibration_acc"] = float(np.mean(pred[cal] == tr.y[cal]))
+            if h_val is not None:
+                rec["val_group_acc"] = group_accuracy(hd(h_val).argmax(1).cpu().numpy(), val.y, val.g,
+                                                      data.n_groups).tolist()
+            if data.directions:
+                rec.update(direction_weights(hd.W.cpu().numpy(), data.text, data.directions))
+            return rec
 
         # the trainable projection starts at the pretrained W0 (not at the reference)
-        head = ProjectionHead(data.W0, data.b0, data.text, data.logit_scale, o.train_logit_scale, o.dropout)
+        head = ProjectionHead(data.W0, data.b0, data.text, initial_logit_scale(data, o.logit_scale_init),
+                              o.train_logit_scale, o.dropout)
         epoch_size = n_cal if o.epoch_unit == "calibration" else None
         torch.manual_seed(seed)
         self.head, self.history = fit_head(head, data, o.projection_options(o.epochs, o.dropout), seed, step_loss,
-                                           lambda split: split.h, epoch_size=epoch_size)
+                                           lambda split: split.h, epoch_size=epoch_size, epoch_end=epoch_end)
         self.eval_gen = torch.Generator().manual_seed(seed + 2)
 
     def logits(self, split: SplitFeatures) -> np.ndarray:

@@ -97,7 +97,9 @@ class TSCLoss(nn.Module):
         # log_prob = logit - lse, so each sum over positives is one masked matmul minus count * lse
         class_pos = (labels[:, None] == self.queue_labels[None, :]).float()  # [B, K]
         n_class = class_pos.sum(1)
-        sum_class = (q * (class_pos @ self.queue) / t).sum(1) - n_class * lse
+        # the release's class mask has a 1 in the self column too: the self log-prob counts among the
+        # class positives *and* again as the separate self term (loss_logit) below
+        sum_class = (q * (class_pos @ self.queue) / t).sum(1) - n_class * lse + (self_logit - lse)
         target = self.targets[target_of_class[labels]]  # [B, d]: each sample's class target
         sum_target = (q * target).sum(1) / t - lse
         denom = 2.0 + n_class  # self + queue positives + the target

@@ -30,6 +30,20 @@ log = logging.getLogger(__name__)
 # rule -> group labels it reads
 SELECTION_RULES = {"val_wga": "val_groups", "val_worst_class": "none", "last": "none"}
 
+# The CFR release classifies through its own wrapper (models/clip.py, ZeroShotCLIP), whose trainable
+# logit scale starts at CLIP's *initial* value log(1/0.07), not at the pretrained s (100 for OpenAI CLIP).
+RELEASE_LOGIT_SCALE = 1 / 0.07
+LOGIT_SCALE_INITS = ("release", "pretrained")
+
+
+def initial_logit_scale(data: FeatureSet, rule: str) -> float:
+    """The head's starting ``s``: ``"release"`` (1/0.07, as the CFR code) or ``"pretrained"`` (the model's)."""
+    if rule == "release":
+        return RELEASE_LOGIT_SCALE
+    if rule == "pretrained":
+        return float(data.logit_scale)
+    raise ValueError(f"logit_scale_init={rule!r}; allowed: {list(LOGIT_SCALE_INITS)}")
+
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
@@ -45,13 +59,16 @@ class ProjectionHead(nn.Module):
         text: ``[C, d]`` normalised class prototypes (frozen buffer).
         logit_scale: initial ``s``; trained in log space when ``train_scale``.
         dropout: dropout on the normalised image feature, active in training mode only.
+
+    The bias trains only when the tower has one (RN50's ``attnpool.c_proj``); a ViT's ``proj`` has
+    none (``b0`` all zeros), and the release trains no bias there, so neither does calib.
     """
 
     def __init__(self, W0: np.ndarray, b0: np.ndarray, text: np.ndarray, logit_scale: float,
                  train_scale: bool = True, dropout: float = 0.0):
         super().__init__()
         self.W = nn.Parameter(torch.as_tensor(W0, dtype=torch.float32).clone())
-        self.b = nn.Parameter(torch.as_tensor(b0, dtype=torch.float32).clone())
+        self.b = nn.Parameter(torch.as_tensor(b0, dtype=torch.float32).clone(), requires_grad=bool(np.any(b0)))
         self.register_buffer("text", torch.as_tensor(text, dtype=torch.float32).clone())
         log_s = torch.tensor(math.log(logit_scale), dtype=torch.float32)
         self.log_s = nn.Parameter(log_s) if train_scale else nn.Parameter(log_s, requires_grad=False)
@@ -81,6 +98,13 @@ class ProjectionOptions:
     device: str = "auto"  # cuda when present
 
 
+@dataclass
+class ClipERMOptions(ProjectionOptions):
+    """CLIP+ERM (CFR's step 1): the projection options plus the zero-shot head's starting scale."""
+
+    logit_scale_init: str = "release"  # initial s: "release" (1/0.07, the CFR code's own scale) or "pretrained"
+
+
 def selection_score(rule: str, pred: np.ndarray, split: SplitFeatures, n_groups: int, n_classes: int) -> float:
     """The validation score an epoch is selected by (higher is better)."""
     if rule == "val_wga":
@@ -92,7 +116,7 @@ def selection_score(rule: str, pred: np.ndarray, split: SplitFeatures, n_groups:
 
 def fit_projection(
     data: FeatureSet,
-    opts: ProjectionOptions,
+    opts: ClipERMOptions,
     seed: int,
     step_loss: Callable[[ProjectionHead, torch.Tensor, int], torch.Tensor],
     head: ProjectionHead | None = None,
@@ -103,7 +127,9 @@ def fit_projection(
     training mini-batch (the caller holds the tensors).  Deterministic under ``seed``.
     """
     torch.manual_seed(seed)
-    head = head or ProjectionHead(data.W0, data.b0, data.text, data.logit_scale, opts.train_logit_scale, opts.dropout)
+    if head is None:
+        scale = initial_logit_scale(data, opts.logit_scale_init)
+        head = ProjectionHead(data.W0, data.b0, data.text, scale, opts.train_logit_scale, opts.dropout)
     return fit_head(head, data, opts, seed, step_loss, lambda split: split.h)
 
 
@@ -116,13 +142,16 @@ def fit_head(
     inputs: Callable[[SplitFeatures], np.ndarray],
     optimizer: str = "sgd",
     epoch_size: int | None = None,
+    epoch_end: Callable[[nn.Module, int], dict] | None = None,
 ) -> tuple[nn.Module, list[dict]]:
     """The one training loop: epochs of mini-batches over the training split, epoch selection.
 
     ``head(inputs(split))`` gives logits ``[n, C]``; ``optimizer`` is ``"sgd"`` (with ``opts``'
     momentum) or ``"adam"``.  Returns the head at the selected epoch and the per-epoch history
-    (loss, val WGA, val worst-class accuracy, val accuracy; ``selected`` marks the chosen epoch).
-    An epoch is a shuffled pass over ``range(epoch_size)`` (default: the training split's size).
+    (loss, mean gradient norm, val WGA, val worst-class accuracy, val accuracy; ``selected`` marks
+    the chosen epoch).  ``epoch_end(head, epoch)`` (head in eval mode) may add diagnostics to each
+    epoch's record.  An epoch is a shuffled pass over ``range(epoch_size)`` (default: the training
+    split's size).
     """
     if opts.selection not in SELECTION_RULES:
         raise ValueError(f"unknown selection rule {opts.selection!r}; known: {sorted(SELECTION_RULES)}")
@@ -147,21 +176,29 @@ def fit_head(
     history = []
     for epoch in range(opts.epochs):
         head.train()
-        losses = []
-        for idx in torch.randperm(n, generator=gen).split(opts.batch_size):
+        loss_sum = torch.zeros((), device=device)
+        grad_sum = torch.zeros((), device=device)
+        batches = torch.randperm(n, generator=gen).split(opts.batch_size)
+        for idx in batches:
             loss = step_loss(head, idx.to(device), epoch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            with torch.no_grad():  # accumulated on the device: no host sync inside the step
+                loss_sum += loss.detach()
+                grad_sum += torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params
+                                                                  if p.grad is not None]))
             opt.step()
-            losses.append(loss.item())
         head.eval()
-        rec = {"epoch": epoch, "loss": float(np.mean(losses))}
+        rec = {"epoch": epoch, "loss": float(loss_sum) / len(batches), "grad_norm": float(grad_sum) / len(batches)}
         if val is not None:
             with torch.no_grad():
                 pred = head(h_val).argmax(1).cpu().numpy()
             rec["val_wga"] = worst_group_accuracy(pred, val.y, val.g, data.n_groups)
             rec["val_worst_class"] = worst_class_accuracy(pred, val.y, data.n_classes)
             rec["val_acc"] = float(np.mean(pred == val.y))
+        if epoch_end is not None:
+            with torch.no_grad():
+                rec.update(epoch_end(head, epoch))
         history.append(rec)
         for rule in SELECTION_RULES:  # every rule's choice is kept: a protocol change needs no re-training
             if rule != "last" and val is None:
@@ -214,7 +251,7 @@ class ClipERM(ProjectionMethod):
     """CLIP+ERM: fine-tune the image projection (and s) with cross-entropy through the zero-shot head."""
 
     name = "clip_erm"
-    Options = ProjectionOptions
+    Options = ClipERMOptions
     summary = "CE fine-tuning of the image projection through the zero-shot head (CFR step 1)"
 
     def fit(self, data: FeatureSet, seed: int) -> None:
