@@ -17,6 +17,8 @@ CFR_ABLATIONS: dict[str, dict[str, Any]] = {
     "temperature 0.1": {"temperature": 0.1},
     "positives: nearest": {"positive_rule": "nearest"},
     "negatives: random same-class (release)": {"negative_rule": "random_same_class"},
+    "negatives ranked in pre-projection space": {"negative_space": "pre_projection"},
+    "logit scale: pretrained s": {"logit_scale_init": "pretrained"},
     "regulariser: CE": {"regularizer": "ce"},
     "regulariser: SupCon": {"regularizer": "supcon"},
     "regulariser: none": {"regularizer": "none"},

@@ -64,7 +64,8 @@ class RunSpec:
 
     ``options`` maps a method to its option overrides; ``variants`` maps a label to
     ``(method, overrides)`` for extra configurations of a method (ablations, protocols).
-    Every row records its ``variant`` label (the method name for plain methods).
+    Every row records its ``variant`` label (the method name for plain methods); with ``history``
+    it also keeps the run's per-epoch history (notebook 06 draws it).
     """
 
     experiment: str
@@ -72,6 +73,7 @@ class RunSpec:
     seeds: list[int]
     options: dict[str, dict[str, Any]] | None = None
     variants: dict[str, tuple[str, dict[str, Any]]] | None = None
+    history: bool = False
 
     def runs(self) -> list[tuple[str, str, dict[str, Any]]]:
         """``(variant label, method, overrides)`` for every configuration."""
@@ -143,7 +145,9 @@ def run_experiment(spec: RunSpec, features: FeatureSet, write: bool = True, reus
                 extra={"variant": variant, "label_needs": run.label_needs, "seconds": run.seconds,
                        "epochs_run": len(run.history), "selected_epoch": selected,
                        "group_names": features.group_names, "weights": features.meta.get("weights"),
-                       "dataset_version": features.meta.get("dataset_version"), "code": code_hash()},
+                       "dataset_version": features.meta.get("dataset_version"), "code": code_hash(),
+                       "calibration_groups": getattr(run.instance, "calibration_groups", None),
+                       **({"history": run.history} if spec.history else {})},
             ))
             if write:  # one row at a time: an interrupted experiment resumes where it stopped
                 append_rows([rows[-1]], path)

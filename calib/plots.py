@@ -104,3 +104,37 @@ def metric_bars(table: pd.DataFrame, label_col: str, metrics: dict[str, str], ti
         ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def cfr_dynamics(frame: pd.DataFrame, title: str = "") -> plt.Figure:
+    """CFR's per-epoch dynamics from :func:`calib.dynamics.history_frame` output: one row of panels
+    per variant (per-group training accuracy; validation WGA / worst-class / calibration-set accuracy;
+    the loss terms and ``c``; ``||W - W0|| / ||W0||``, gradient norm and, on the testbed, the
+    spurious/core weight ratio), mean over seeds with a band when there are several."""
+    import seaborn as sns
+
+    use_style()
+    variants = list(dict.fromkeys(frame["variant"]))
+    panels = list(dict.fromkeys(frame["panel"]))
+    fig, axes = plt.subplots(len(variants), len(panels), figsize=(3.3 * len(panels), 2.1 * len(variants) + 0.6),
+                             squeeze=False, sharex=True)
+    for i, variant in enumerate(variants):
+        for j, panel in enumerate(panels):
+            ax = axes[i, j]
+            part = frame[(frame["variant"] == variant) & (frame["panel"] == panel)]
+            if part.empty:
+                ax.axis("off")
+                continue
+            sns.lineplot(data=part, x="epoch", y="value", hue="series", ax=ax, errorbar=("sd", 1),
+                         legend=i == 0, linewidth=1.0)
+            if "accuracy" in panel or panel == "validation":
+                ax.set_ylim(-0.02, 1.02)
+            ax.set_ylabel(variant if j == 0 else "", fontsize=8)
+            ax.set_xlabel("epoch" if i == len(variants) - 1 else "")
+            if i == 0:
+                ax.set_title(panel, fontsize=9)
+                ax.legend(fontsize=6, loc="best", frameon=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

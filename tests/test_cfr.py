@@ -178,3 +178,22 @@ def test_geometry_trains_once_then_reads_its_cache(synth, tmp_path, monkeypatch)
     again = cfr_geometry(synth, 0, opts, cache_dir=tmp_path)
     np.testing.assert_array_equal(again["after"], first["after"])
     assert again["calibration_groups"] == first["calibration_groups"]
+
+
+def test_infonce_anchor_is_the_dropped_out_feature(synth, monkeypatch):
+    """As released: the anchor passed to InfoNCE is normalize(dropout(e)), with the CE's dropout draw."""
+    from calib.methods import cfr
+
+    seen = []
+    real = cfr.info_nce
+
+    def spy(anchor, positives, negatives, tau):
+        seen.append(anchor.detach().clone())
+        return real(anchor, positives, negatives, tau)
+
+    monkeypatch.setattr(cfr, "info_nce", spy)
+    run_method("cfr", synth, seed=0, options={"epochs": 1, "reference": "zeroshot", "dropout": 0.5})
+    a = torch.cat(seen)
+    torch.testing.assert_close(a.norm(dim=1), torch.ones(len(a)))  # re-normalised
+    zeros = (a == 0).float().mean().item()
+    assert 0.4 < zeros < 0.6  # half the coordinates dropped

@@ -24,13 +24,17 @@ EXPECT = {
                      ["ablations"], "ablations"),
     "05_feature_geometry": ({k: v for k, v in QUICK.items() if k != "seeds"}, ["feature_geometry", "calibration_set"],
                             None),
+    "06_cfr_dynamics": ({**QUICK, "seeds": [0], "variants": ["CFR (default)", "regulariser: none"],
+                         "testbed_core": [0.5], "testbed_scale": 0.1, "testbed_variants": ["CFR (default)"]},
+                        ["cfr_dynamics"], "cfr_dynamics"),
 }
 
 
 def test_there_are_notebooks():
     assert [p.name for p in NOTEBOOKS] == ["00_quickstart.ipynb", "01_spurious_correlation.ipynb",
                                            "02_last_layer_retraining.ipynb", "03_main_results.ipynb",
-                                           "04_ablations.ipynb", "05_feature_geometry.ipynb"]
+                                           "04_ablations.ipynb", "05_feature_geometry.ipynb",
+                                           "06_cfr_dynamics.ipynb"]
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
@@ -78,4 +82,7 @@ def test_notebook_executes(nb, tmp_path, toy_features):
     if results:
         rows = [json.loads(line) for line in (paths.results_dir() / f"{results}.jsonl").read_text().splitlines()]
         assert {r["seed"] for r in rows} >= set(params.get("seeds", [0]))
+    if nb.stem == "06_cfr_dynamics":  # the testbed's figure, and histories in the rows
+        assert (figs / "cfr_dynamics_testbed-mu_core0.5-scale0.1.png").is_file()
+        assert all(len(r["history"]) == params["epochs"] for r in rows)
     assert not list(tmp_path.glob("*.png"))  # nothing written to the working directory
