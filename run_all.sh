@@ -77,7 +77,7 @@ for r in paper_plan(Path(sys.argv[1]), bb).rows: print(r.dataset, r.model, r.pre
     tag="${ds}__${model}__${pre//[^A-Za-z0-9._-]/_}"
     t=$SECONDS; "$PY" -m calib extract --dataset "$ds" --model "$model" --pretrained "$pre"
     stage "extract $ds / $model / $pre" $((SECONDS - t))
-    for nb in notebooks/0[01245]_*.ipynb; do
+    for nb in notebooks/0[012456]_*.ipynb; do
       name="$(basename "$nb" .ipynb)"
       case "$name" in  # each notebook gets only the parameters it declares
         05_*) params="seed: 0$epochs_yaml" ;;

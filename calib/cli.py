@@ -12,6 +12,7 @@
     python -m calib bench throughput --model RN50 [--pretrained random] [--device cuda] [--batch-size 64]
     python -m calib plan --profile paper --data-dir DIR [--backbones M:P,...] [--seeds N] [--full-size] [--json]
     python -m calib report readme [--dataset toy]
+    python -m calib realism --dataset toy --model calib-toy-vit --pretrained toy [--json]
 
 Exit status: 0 on success, 2 on bad input (wrong layout, unknown name), with one clear message.
 """
@@ -26,6 +27,20 @@ from pathlib import Path
 from calib.utils import setup_logging
 
 log = logging.getLogger("calib.cli")
+
+
+def _cmd_realism(args: argparse.Namespace) -> int:
+    from calib.experiment import prepare_features
+    from calib.realism import realism_report, realism_table
+    from calib.testbed import make_testbed
+
+    if args.dataset == "testbed":
+        features = make_testbed()
+    else:
+        features = prepare_features(args.dataset, args.model, args.pretrained, root=args.root, device=args.device)
+    report = realism_report(features, seed=args.seed)
+    print(json.dumps(report, indent=2) if args.json else realism_table(report))
+    return 0
 
 
 def _cmd_make_toy(args: argparse.Namespace) -> int:
@@ -318,6 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--seeds", type=int, default=5, help="seeds per method (the paper: 5)")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=_cmd_plan)
+
+    rl = sub.add_parser("realism", help="how CLIP-like features are: the measures of docs/toy_realism.md")
+    rl.add_argument("--dataset", required=True, help="toy, a dataset name, or 'testbed'")
+    rl.add_argument("--root", default=None)
+    rl.add_argument("--model", default="calib-toy-vit")
+    rl.add_argument("--pretrained", default="toy")
+    rl.add_argument("--device", default=None)
+    rl.add_argument("--seed", type=int, default=0)
+    rl.add_argument("--json", action="store_true")
+    rl.set_defaults(func=_cmd_realism)
 
     rep = sub.add_parser("report", help="render results").add_subparsers(dest="report_command", required=True)
     rr = rep.add_parser("readme", help="write the toy result tables into README.md")

@@ -11,7 +11,9 @@ The trained weights are saved as a real open_clip checkpoint (``open_clip_model.
 to ``open_clip_config.json``) and loaded through :func:`calib.models.load_clip` like any other
 (``load_clip("calib-toy-vit", "toy")``, or ``pretrained=<file>`` / ``local-dir:<folder>``).
 
-These settings were fixed before any method was evaluated and are not tuned on method results.
+These settings were fixed before any method was evaluated and are not tuned on method results. One
+was changed since, by the realism review of docs/toy_realism.md (criteria written before measuring,
+no method result read): training length, 600 -> 800 steps.
 """
 from __future__ import annotations
 
@@ -48,7 +50,8 @@ class ToyClipConfig:
     cooccurrence: float = 0.85  # P(background matches the bird's habitat) in the corpus
     p_bird_only: float = 0.3  # caption mentions only the bird
     p_place_only: float = 0.15  # caption mentions only the background (the rest mention both)
-    steps: int = 600  # optimiser steps (~0.27 s each on 2 CPU cores)
+    steps: int = 800  # optimiser steps (~0.1 s each on 2 CPU cores); 600 until the realism review of
+    # docs/toy_realism.md, where 600 left the bird class less decodable than CLIP's on Waterbirds
     batch_size: int = 200  # pairs per step
     lr: float = 1e-3  # AdamW peak learning rate (cosine decay after warm-up)
     warmup: int = 50  # linear warm-up steps
