@@ -58,7 +58,8 @@ cd "$ROOT"
 if [ "$profile" = paper ]; then
   data_dir_arg="$(cd "$data_dir_arg" && pwd)"
   if [ "$quick" = 1 ]; then seeds_yaml="[0]"; epochs_yaml=", epochs: 3"; ablations_yaml=", ablations: [CFR (default)]"
-  else seeds_yaml="[0, 1, 2, 3, 4]"; epochs_yaml=""; ablations_yaml=""; fi
+    dynamics_yaml=", variants: [CFR (default)]"
+  else seeds_yaml="[0, 1, 2, 3, 4]"; epochs_yaml=""; ablations_yaml=""; dynamics_yaml=""; fi
   n_seeds=$(( $(tr -cd , <<< "$seeds_yaml" | wc -c) + 1 ))
   plan_args=(--data-dir "$data_dir_arg" --seeds "$n_seeds")
   [ -n "$backbones_arg" ] && plan_args+=(--backbones "$backbones_arg")
@@ -82,6 +83,7 @@ for r in paper_plan(Path(sys.argv[1]), bb).rows: print(r.dataset, r.model, r.pre
       case "$name" in  # each notebook gets only the parameters it declares
         05_*) params="seed: 0$epochs_yaml" ;;
         04_*) params="seeds: $seeds_yaml$epochs_yaml$ablations_yaml" ;;
+        06_*) params="seeds: $seeds_yaml$epochs_yaml$dynamics_yaml, testbed_core: []" ;;  # the testbed: toy profile
         *) params="seeds: $seeds_yaml$epochs_yaml" ;;
       esac
       t=$SECONDS

@@ -77,6 +77,7 @@ def epoch_table(rows: pd.DataFrame, epochs: tuple[int, ...] = (0, 10, 20, 30, 50
     for variant, grp in rows.groupby("variant", sort=False):
         hists = [h for h in grp["history"]]
         val = np.array([[h[e]["val_wga"] if e < len(h) else np.nan for e in epochs] for h in hists]) * 100
+        val_mean = [float(np.mean(col[~np.isnan(col)])) if (~np.isnan(col)).any() else np.nan for col in val.T]
         cal = grp["calibration_groups"].tolist() if "calibration_groups" in grp else []
         cal_text = " / ".join(str(int(round(v))) for v in np.mean(cal, 0)) if cal and cal[0] is not None else "—"
         out.append({
@@ -85,7 +86,7 @@ def epoch_table(rows: pd.DataFrame, epochs: tuple[int, ...] = (0, 10, 20, 30, 50
             "calibration set per group": cal_text,
             "selected epoch": ", ".join(str(int(s)) for s in sorted(set(grp["selected_epoch"]))),
             "val WGA at epochs " + " / ".join(map(str, epochs)): " / ".join(
-                "—" if np.isnan(v) else f"{v:.1f}" for v in np.nanmean(val, 0)),
+                "—" if np.isnan(v) else f"{v:.1f}" for v in val_mean),
             "test WGA": f"{grp['test.wga'].mean() * 100:.1f} ± {grp['test.wga'].std(ddof=1) * 100 if len(grp) > 1 else 0:.1f}",
         })
     return pd.DataFrame(out)

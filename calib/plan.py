@@ -16,6 +16,7 @@ from pathlib import Path
 
 from calib.data import LOADERS, DatasetLayoutError
 from calib.ablations import CFR_ABLATIONS
+from calib.dynamics import CFR_DYNAMICS
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ NOTEBOOK_METHODS = {
     "03_main_results": list(ASSUMED_METHOD_S),
     "04_ablations": ["cfr"] * (len(CFR_ABLATIONS) - 2),  # the two selection variants reuse a training run
     "05_feature_geometry": ["cfr"],
+    "06_cfr_dynamics": ["cfr"] * len(CFR_DYNAMICS),
 }
 
 
@@ -67,7 +69,7 @@ class Plan:
                 lines.append(f"{r.dataset:11s} {r.model + '/' + r.pretrained:24s} {r.images:8d} {r.train:7d} "
                              f"{r.extraction_h:9.2f} {r.methods_h:9.2f}")
         runs = sum(len(m) for m in NOTEBOOK_METHODS.values()) * self.seeds
-        lines.append(f"notebooks 01-05 per dataset x backbone: {runs} method runs ({self.seeds} seeds)")
+        lines.append(f"notebooks 01-06 per dataset x backbone: {runs} method runs ({self.seeds} seeds)")
         unknown = sorted({r.model for r in self.rows if r.model not in ASSUMED_IMG_S})
         if unknown:
             lines.append(f"no assumed speed for {', '.join(unknown)}: costed at the ViT-L-14 speed")

@@ -110,9 +110,22 @@ def render_main_table(table: pd.DataFrame, fmt: str = "markdown", caption: str =
     raise ValueError(f"unknown table format {fmt!r}; use 'markdown' or 'latex'")
 
 
-README_BLOCKS = {  # marker name -> (experiment, table renderer)
-    "results": ("spurious_correlation", lambda df: render_table(results_table(df), "markdown")),
-    "main-table": ("main_results", lambda df: render_main_table(main_table(df), "markdown")),
+def render_dynamics(df: pd.DataFrame) -> str:
+    """Issue 8's per-epoch table for every feature set in ``df`` (the toy first, then the testbeds)."""
+    from calib.dynamics import epoch_table
+
+    parts = []
+    for (ds, model), part in df.groupby(["dataset", "model"], sort=False):
+        parts.append(f"**{ds} / {model}**\n\n{to_markdown(epoch_table(part))}")
+    return "\n".join(parts) + ("\nValidation WGA per epoch (percent, mean over seeds); the calibration set per group "
+                               "(landbird/land, landbird/water, waterbird/land, waterbird/water) is a diagnostic, "
+                               "never read by CFR.\n")
+
+
+README_BLOCKS = {  # marker name -> (experiment, table renderer, also the testbed's rows)
+    "results": ("spurious_correlation", lambda df: render_table(results_table(df), "markdown"), False),
+    "main-table": ("main_results", lambda df: render_main_table(main_table(df), "markdown"), False),
+    "cfr-dynamics": ("cfr_dynamics", render_dynamics, True),
 }
 
 
@@ -120,7 +133,7 @@ def update_readme(dataset: str = "toy", readme: Path | None = None) -> Path:
     """Refresh every README block (``<!-- NAME:start -->`` ... ``<!-- NAME:end -->``) whose rows exist."""
     readme = readme or (paths.repo_root() or Path.cwd()) / "README.md"
     text = readme.read_text()
-    for name, (experiment, render) in README_BLOCKS.items():
+    for name, (experiment, render, testbeds) in README_BLOCKS.items():
         start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
         if start not in text or end not in text:
             raise ValueError(f"{readme} lacks the markers {start} ... {end}")
@@ -129,7 +142,10 @@ def update_readme(dataset: str = "toy", readme: Path | None = None) -> Path:
         except FileNotFoundError:
             log.warning("no %s rows yet; README block %r left as is", experiment, name)
             continue
-        df = df[df["dataset"] == dataset]
+        keep = df["dataset"] == dataset
+        if testbeds:  # the known-answer testbed's rows sit beside the toy's (seed and options as run)
+            keep |= df["dataset"].str.startswith("testbed")
+        df = df[keep]
         if df.empty:
             continue
         block = render(df)

@@ -197,3 +197,16 @@ def test_infonce_anchor_is_the_dropped_out_feature(synth, monkeypatch):
     torch.testing.assert_close(a.norm(dim=1), torch.ones(len(a)))  # re-normalised
     zeros = (a == 0).float().mean().item()
     assert 0.4 < zeros < 0.6  # half the coordinates dropped
+
+
+def test_pre_projection_negatives_are_nearest_in_h(synth):
+    """negative_space="pre_projection": hard negatives ranked by cosine in the frozen h (where the release
+    computes them), not in the reference embedding."""
+    run = run_method("cfr", synth, seed=0, options={**FAST, "reference": "zeroshot", "negative_space": "pre_projection"})
+    tr = synth.splits["train"]
+    hn = normalize(tr.h)
+    inst = run.instance
+    for row, anchor in list(enumerate(inst.calibration_idx))[:10]:
+        others = np.flatnonzero(tr.y != tr.y[anchor])
+        expected = set(others[np.argsort(-(hn[others] @ hn[anchor]))[:16]].tolist())
+        assert set(inst.hard_negatives[row].tolist()) == expected
