@@ -30,7 +30,11 @@ PANELS: dict[str, tuple[str, ...]] = {
     "train accuracy per group": ("train_group_acc",),
     "validation": ("val_wga", "val_worst_class", "calibration_acc"),
     "loss terms": ("loss_anchor_ce", "loss_contrastive", "loss_regularizer", "c"),
-    "projection": ("w_shift_rel", "grad_norm", "spurious_ratio"),
+    "projection": ("w_shift_rel", "grad_norm"),
+    "logit scale": ("logit_scale",),
+    # testbed only: logit weights of the known directions (the ratio w_spurious / w_core is in the rows,
+    # but diverges where w_core crosses zero, so the two weights are drawn instead)
+    "direction weights": ("w_core", "w_spurious"),
 }
 
 

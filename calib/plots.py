@@ -109,8 +109,9 @@ def metric_bars(table: pd.DataFrame, label_col: str, metrics: dict[str, str], ti
 def cfr_dynamics(frame: pd.DataFrame, title: str = "") -> plt.Figure:
     """CFR's per-epoch dynamics from :func:`calib.dynamics.history_frame` output: one row of panels
     per variant (per-group training accuracy; validation WGA / worst-class / calibration-set accuracy;
-    the loss terms and ``c``; ``||W - W0|| / ||W0||``, gradient norm and, on the testbed, the
-    spurious/core weight ratio), mean over seeds with a band when there are several."""
+    the loss terms and ``c``; ``||W - W0|| / ||W0||`` and the gradient norm; the logit scale; on the
+    testbed, the logit weights of the core and spurious directions), mean over seeds with a band when
+    there are several."""
     import seaborn as sns
 
     use_style()

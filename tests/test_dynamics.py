@@ -9,7 +9,7 @@ def _rows():
     def hist(vals):
         return [{"epoch": e, "val_wga": v, "val_worst_class": v, "calibration_acc": 0.5, "loss_anchor_ce": 1.0,
                  "loss_contrastive": 2.0, "loss_regularizer": 3.0, "c": 1.5, "w_shift_rel": 0.1 * e,
-                 "grad_norm": 1.0, "train_group_acc": [1.0, 0.5]} for e, v in enumerate(vals)]
+                 "grad_norm": 1.0, "logit_scale": 14.0, "train_group_acc": [1.0, 0.5]} for e, v in enumerate(vals)]
     return pd.DataFrame([
         {"dataset": "toy", "model": "m", "variant": "CFR (default)", "seed": 0, "history": hist([0.1, 0.3, 0.2]),
          "group_names": ["a", "b"], "calibration_groups": [2, 4], "selected_epoch": 1, "test.wga": 0.25},
@@ -29,7 +29,8 @@ def test_variants_are_cfr_with_overrides():
 
 def test_history_frame_expands_groups_and_panels():
     f = history_frame(_rows())
-    assert len(f) == 2 * 3 * (2 + 3 + 4 + 2)  # rows x epochs x (2 groups + 3 validation + 4 loss + 2 projection)
+    # rows x epochs x (2 groups + 3 validation + 4 loss + 2 projection + 1 scale); no direction weights off the testbed
+    assert len(f) == 2 * 3 * (2 + 3 + 4 + 2 + 1)
     b = f[(f.seed == 1) & (f.series == "train acc: b")]
     assert b["value"].tolist() == [0.5, 0.5, 0.5] and set(b["panel"]) == {"train accuracy per group"}
     assert f[(f.seed == 0) & (f.series == "w_shift_rel")]["value"].tolist() == pytest.approx([0.0, 0.1, 0.2])
