@@ -106,7 +106,7 @@ fi
 
 if [ "$quick" = 1 ]; then
   dataset=toy-quick; pretrained=toy-quick
-  nb_params=(-y "{dataset: toy-quick, pretrained: toy-quick, datasets: [toy-quick], backbones: [[calib-toy-vit, toy-quick]], seeds: [0], epochs: 3, ablations: [CFR (default)]}")
+  nb_params=(-y "{dataset: toy-quick, pretrained: toy-quick, datasets: [toy-quick], backbones: [[calib-toy-vit, toy-quick]], seeds: [0], epochs: 3, ablations: [CFR (default)], variants: [CFR (default)], testbed_core: [0.5], testbed_scale: 0.1}")
 else
   dataset=toy; pretrained=toy
   nb_params=()

@@ -13,8 +13,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-# label -> CFR option overrides: the default, each regulariser, each anchor term alone, and the
-# logit-scale fix undone.  Everything not named is at the default.
+from calib.ablations import ablation_variants
+
+# label -> CFR option overrides: the default, each regulariser, each anchor term alone, the logit-scale
+# fix undone, and the other rows of issue 8's table.  Everything not named is at the default.
 CFR_DYNAMICS: dict[str, dict[str, Any]] = {
     "CFR (default)": {},
     "regulariser: CE": {"regularizer": "ce"},
@@ -23,6 +25,9 @@ CFR_DYNAMICS: dict[str, dict[str, Any]] = {
     "no InfoNCE (anchor CE + TSC)": {"contrastive_weight": 0.0},
     "no anchor CE (InfoNCE + TSC)": {"anchor_ce_weight": 0.0},
     "logit scale: pretrained s": {"logit_scale_init": "pretrained"},
+    # the two further variants of issue 8's table
+    "lr 1e-3": {"lr": 1e-3},
+    "reference: zero-shot": {"reference": "zeroshot"},
 }
 
 # history keys drawn per panel of the dynamics figure (lists are expanded per group)
@@ -40,11 +45,7 @@ PANELS: dict[str, tuple[str, ...]] = {
 
 def dynamics_variants(names: list[str] | None = None, base: dict[str, Any] | None = None) -> dict[str, tuple[str, dict]]:
     """RunSpec variants for the named dynamics runs (all when ``names`` is empty), on top of ``base``."""
-    names = names or list(CFR_DYNAMICS)
-    unknown = [n for n in names if n not in CFR_DYNAMICS]
-    if unknown:
-        raise ValueError(f"unknown dynamics run(s) {unknown}; known: {list(CFR_DYNAMICS)}")
-    return {n: ("cfr", {**(base or {}), **CFR_DYNAMICS[n]}) for n in names}
+    return ablation_variants(names, base, table=CFR_DYNAMICS, kind="dynamics run")
 
 
 def history_frame(rows: pd.DataFrame) -> pd.DataFrame:

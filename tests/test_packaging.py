@@ -61,6 +61,7 @@ def test_run_all_quick_end_to_end(tmp_path):
         assert stage in r.stdout
     figures = {p.name for p in (tmp_path / "figures").glob("*.png")}
     for stem in ("quickstart", "spurious_correlation", "last_layer_retraining", "main_results", "ablations",
-                 "feature_geometry", "calibration_set"):
+                 "feature_geometry", "calibration_set", "cfr_dynamics"):
         assert f"{stem}_toy-quick_calib-toy-vit.png" in figures, stem
-    assert len(list((tmp_path / "notebooks" / "executed").glob("*.ipynb"))) == 6  # under CALIB_HOME, not the checkout
+    assert "cfr_dynamics_testbed-mu_core0.5-scale0.1.png" in figures
+    assert len(list((tmp_path / "notebooks" / "executed").glob("*.ipynb"))) == 7  # under CALIB_HOME, not the checkout
