@@ -69,7 +69,7 @@ def test_clip_erm_trains_only_projection_and_scale():
     assert not np.allclose(head.W.detach().numpy(), data.W0)
     # the head starts at the release's scale 1/0.07 (ZeroShotCLIP.logit_scale), not the pretrained one
     first = ProjectionHead(data.W0, data.b0, data.text, initial_logit_scale(data, "release"))
-    assert float(first.log_s.exp()) == pytest.approx(1 / 0.07)
+    assert float(first.log_s.detach().exp()) == pytest.approx(1 / 0.07)
     assert initial_logit_scale(data, "pretrained") == pytest.approx(data.logit_scale)
     with pytest.raises(ValueError, match="allowed"):
         initial_logit_scale(data, "clip")
