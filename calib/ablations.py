@@ -1,7 +1,7 @@
 """CFR ablations: each option of method.md in turn, everything else at the default.
 
-The list is sized so that ``./run_all.sh`` stays under 15 minutes on 2 CPU cores (one seed per
-variant on the toy, ~50 s each); pass other variants through :func:`ablation_variants`.
+One seed per variant on the toy (~25-45 s each on one CPU thread; 18 variants took 492 s in
+``./run_all.sh``'s second lane); pass other variants through :func:`ablation_variants`.
 """
 from __future__ import annotations
 
