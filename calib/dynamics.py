@@ -65,13 +65,10 @@ def history_frame(rows: pd.DataFrame) -> pd.DataFrame:
                     value = rec.get(key)
                     if value is None:
                         continue
-                    if isinstance(value, list):
-                        for name, v in zip(groups or range(len(value)), value):
-                            out.append((row["dataset"], row["model"], row["variant"], row["seed"], rec["epoch"],
-                                        panel, f"train acc: {name}", v))
-                    else:
-                        out.append((row["dataset"], row["model"], row["variant"], row["seed"], rec["epoch"],
-                                    panel, key, value))
+                    series = (zip([f"train acc: {g}" for g in groups or range(len(value))], value)
+                              if isinstance(value, list) else [(key, value)])
+                    out += [(row["dataset"], row["model"], row["variant"], row["seed"], rec["epoch"], panel, name, v)
+                            for name, v in series]
     return pd.DataFrame(out, columns=["dataset", "model", "variant", "seed", "epoch", "panel", "series", "value"])
 
 
@@ -80,8 +77,7 @@ def epoch_table(rows: pd.DataFrame, epochs: tuple[int, ...] = (0, 10, 20, 30, 50
     (diagnostic), selected epoch(s), validation WGA at ``epochs`` and test WGA, in percent."""
     out = []
     for variant, grp in rows.groupby("variant", sort=False):
-        hists = [h for h in grp["history"]]
-        val = np.array([[h[e]["val_wga"] if e < len(h) else np.nan for e in epochs] for h in hists]) * 100
+        val = np.array([[h[e]["val_wga"] if e < len(h) else np.nan for e in epochs] for h in grp["history"]]) * 100
         val_mean = [float(np.mean(col[~np.isnan(col)])) if (~np.isnan(col)).any() else np.nan for col in val.T]
         cal = grp["calibration_groups"].tolist() if "calibration_groups" in grp else []
         cal_text = " / ".join(str(int(round(v))) for v in np.mean(cal, 0)) if cal and cal[0] is not None else "—"

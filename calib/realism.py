@@ -86,7 +86,8 @@ def realism_report(data: FeatureSet, seed: int = 0) -> dict[str, float]:
     out["background_minus_class_z"] = out["background_decodability_z"] - out["class_decodability_z"]
     out["d_h_over_d"] = data.W0.shape[0] / data.W0.shape[1]
     tr = data.splits["train"]
-    ref, _ = reference_erm(data, CFROptions().projection_options(CFROptions().reference_epochs, 0.0), seed)
+    o = CFROptions()
+    ref, _ = reference_erm(data, o.projection_options(o.reference_epochs, 0.0), seed)
     with torch.no_grad():
         pred = ref(torch.as_tensor(tr.h, device=ref.W.device)).argmax(1).cpu().numpy()
     wrong = pred != tr.y

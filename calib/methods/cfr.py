@@ -30,7 +30,7 @@ docs/cfr_fidelity.md):
 by random *same-class* samples, dropout left on at evaluation, and the loss weight stuck at 1.5.
 
 ``history`` holds, per epoch, each loss term, ``c``, the gradient norm, ``||W - W0||``, the logit
-scale, training and validation accuracy per group (diagnostics only: no label-free protocol reads
+scale, training accuracy per group (validation per group comes from :func:`fit_head`; diagnostics only: no label-free protocol reads
 them), the calibration set's accuracy and, on features with known directions (the testbed), the
 logit weight of each direction.
 """
@@ -57,7 +57,6 @@ from calib.methods.projection import (
     ProjectionMethod,
     fit_head,
     fit_projection,
-    initial_logit_scale,
     resolve_device,
 )
 
@@ -145,8 +144,7 @@ def reference_erm(data: FeatureSet, opts: ClipERMOptions, seed: int) -> tuple[Pr
             _REFERENCES.pop(next(iter(_REFERENCES)))
         _REFERENCES[key] = ({k: v.detach().clone() for k, v in head.state_dict().items()}, hist)
     state, hist = _REFERENCES[key]
-    head = ProjectionHead(data.W0, data.b0, data.text, initial_logit_scale(data, opts.logit_scale_init),
-                          opts.train_logit_scale).to(device)
+    head = ProjectionHead.for_features(data, opts.logit_scale_init, opts.train_logit_scale).to(device)
     head.load_state_dict(state)
     return head.eval(), hist
 
@@ -311,8 +309,6 @@ class CFR(ProjectionMethod):
         terms = {k: torch.zeros((), device=device) for k in ("anchor_ce", "contrastive", "regularizer", "steps")}
         W0 = torch.as_tensor(data.W0, dtype=torch.float32, device=device)
         w0_norm = float(torch.linalg.matrix_norm(W0))
-        val = data.splits.get("val")
-        h_val = torch.as_tensor(val.h, device=device) if val is not None else None
 
         def epoch_end(hd: ProjectionHead, epoch: int) -> dict:
             """Diagnostics of one epoch (read by no selection rule)."""
@@ -326,16 +322,12 @@ class CFR(ProjectionMethod):
             pred = hd(h).argmax(1).cpu().numpy()
             rec["train_group_acc"] = group_accuracy(pred, tr.y, tr.g, data.n_groups).tolist()
             rec["calibration_acc"] = float(np.mean(pred[cal] == tr.y[cal]))
-            if h_val is not None:
-                rec["val_group_acc"] = group_accuracy(hd(h_val).argmax(1).cpu().numpy(), val.y, val.g,
-                                                      data.n_groups).tolist()
             if data.directions:
                 rec.update(direction_weights(hd.W.cpu().numpy(), data.text, data.directions))
             return rec
 
         # the trainable projection starts at the pretrained W0 (not at the reference)
-        head = ProjectionHead(data.W0, data.b0, data.text, initial_logit_scale(data, o.logit_scale_init),
-                              o.train_logit_scale, o.dropout)
+        head = ProjectionHead.for_features(data, o.logit_scale_init, o.train_logit_scale, o.dropout)
         epoch_size = n_cal if o.epoch_unit == "calibration" else None
         torch.manual_seed(seed)
         self.head, self.history = fit_head(head, data, o.projection_options(o.epochs, o.dropout), seed, step_loss,

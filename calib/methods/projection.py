@@ -23,7 +23,7 @@ from torch import nn
 
 from calib.features import FeatureSet, SplitFeatures
 from calib.methods.base import Method, register
-from calib.metrics import worst_class_accuracy, worst_group_accuracy
+from calib.metrics import group_accuracy, worst_class_accuracy, worst_group_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,12 @@ class ProjectionHead(nn.Module):
         log_s = torch.tensor(math.log(logit_scale), dtype=torch.float32)
         self.log_s = nn.Parameter(log_s) if train_scale else nn.Parameter(log_s, requires_grad=False)
         self.dropout = nn.Dropout(dropout)
+
+    @classmethod
+    def for_features(cls, data: FeatureSet, logit_scale_init: str, train_scale: bool = True,
+                     dropout: float = 0.0) -> "ProjectionHead":
+        """A head at the pretrained ``W0`` of ``data``, its scale chosen by :func:`initial_logit_scale`."""
+        return cls(data.W0, data.b0, data.text, initial_logit_scale(data, logit_scale_init), train_scale, dropout)
 
     def embed(self, h: torch.Tensor) -> torch.Tensor:
         """Normalised image embeddings ``[n, d]`` of pre-projection features ``h [n, d_h]``."""
@@ -128,8 +134,7 @@ def fit_projection(
     """
     torch.manual_seed(seed)
     if head is None:
-        scale = initial_logit_scale(data, opts.logit_scale_init)
-        head = ProjectionHead(data.W0, data.b0, data.text, scale, opts.train_logit_scale, opts.dropout)
+        head = ProjectionHead.for_features(data, opts.logit_scale_init, opts.train_logit_scale, opts.dropout)
     return fit_head(head, data, opts, seed, step_loss, lambda split: split.h)
 
 
@@ -148,8 +153,8 @@ def fit_head(
 
     ``head(inputs(split))`` gives logits ``[n, C]``; ``optimizer`` is ``"sgd"`` (with ``opts``'
     momentum) or ``"adam"``.  Returns the head at the selected epoch and the per-epoch history
-    (loss, mean gradient norm, val WGA, val worst-class accuracy, val accuracy; ``selected`` marks
-    the chosen epoch).  ``epoch_end(head, epoch)`` (head in eval mode) may add diagnostics to each
+    (loss, mean gradient norm, val WGA and per-group accuracy, val worst-class accuracy, val accuracy;
+    ``selected`` marks the chosen epoch).  ``epoch_end(head, epoch)`` (head in eval mode) may add diagnostics to each
     epoch's record.  An epoch is a shuffled pass over ``range(epoch_size)`` (default: the training
     split's size).
     """
@@ -193,7 +198,9 @@ def fit_head(
         if val is not None:
             with torch.no_grad():
                 pred = head(h_val).argmax(1).cpu().numpy()
-            rec["val_wga"] = worst_group_accuracy(pred, val.y, val.g, data.n_groups)
+            val_groups = group_accuracy(pred, val.y, val.g, data.n_groups)
+            rec["val_wga"] = float(np.nanmin(val_groups))
+            rec["val_group_acc"] = val_groups.tolist()
             rec["val_worst_class"] = worst_class_accuracy(pred, val.y, data.n_classes)
             rec["val_acc"] = float(np.mean(pred == val.y))
         if epoch_end is not None:
