@@ -83,8 +83,10 @@ class RunSpec:
 
 def protocol_variants(methods: list[str], options: dict[str, dict] | None = None) -> dict[str, tuple[str, dict]]:
     """Both model-selection protocols for every method that selects an epoch:
-    ``<m>`` (``val_wga``, the paper's protocol) and ``<m> [no group labels]`` (``val_worst_class``)."""
-    from calib.methods import make_options
+    ``<m>`` (``val_wga``, the paper's protocol) and ``<m> [no group labels]`` (``val_worst_class``);
+    every setting in a method's ``table_variants`` (UMFC: train-fit and transductive) unless ``options``
+    fixes one."""
+    from calib.methods import get_method_class, make_options
 
     out = {}
     for m in methods:
@@ -92,6 +94,8 @@ def protocol_variants(methods: list[str], options: dict[str, dict] | None = None
         if hasattr(make_options(m), "selection"):
             out[m] = (m, {**base, "selection": "val_wga"})
             out[f"{m} [no group labels]"] = (m, {**base, "selection": "val_worst_class"})
+        elif get_method_class(m).table_variants and not base:  # e.g. UMFC's train-fit and transductive rows
+            out.update({label: (m, dict(o)) for label, o in get_method_class(m).table_variants.items()})
         else:
             out[m] = (m, base)
     return out

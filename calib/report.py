@@ -18,11 +18,21 @@ TABLE_HEADERS = {"test.avg_acc": "avg acc (plain)", "test.avg_acc_trainw": "avg 
                  "test.wga": "worst-group acc", "seeds": "seeds"}
 
 
+def with_row_labels(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with a ``row`` column: each row's method as tables name it (its setting, e.g. ``umfc (transductive)``)."""
+    from calib.methods import REGISTRY
+
+    out = df.copy()
+    out["row"] = [REGISTRY[m].row_label(o if isinstance(o, dict) else {}) if m in REGISTRY else m
+                  for m, o in zip(df["method"], df["options"] if "options" in df else [{}] * len(df))]
+    return out
+
+
 def results_table(df: pd.DataFrame, metrics: tuple[str, ...] = TABLE_METRICS) -> pd.DataFrame:
-    """One row per (dataset, model, method): metrics as ``mean ± std`` (percent), method names marked
+    """One row per (dataset, model, method setting): metrics as ``mean ± std`` (percent), method names marked
     by the group labels they read (see :data:`calib.methods.LABEL_LEGEND`)."""
-    table = summarize(df, metrics)
-    table["method"] = [f"{m}{LABEL_MARKS.get(n, '')}" for m, n in zip(table["method"], table.get("label_needs", ""))]
+    table = summarize(with_row_labels(df), metrics, by=("dataset", "model", "row"))
+    table["method"] = [f"{m}{LABEL_MARKS.get(n, '')}" for m, n in zip(table["row"], table.get("label_needs", ""))]
     return table
 
 
@@ -74,9 +84,9 @@ def main_table(df: pd.DataFrame, metrics: tuple[str, ...] = ("test.avg_acc", "te
     from calib.methods import get_method_class
 
     records = []
-    for (ds, model, method), part in df.groupby(["dataset", "model", "method"], sort=False):
+    for (ds, model, method, row), part in with_row_labels(df).groupby(["dataset", "model", "method", "row"], sort=False):
         needs = get_method_class(method).label_needs
-        rec = {"dataset": ds, "model": model, "method": f"{method}{LABEL_MARKS.get(needs, '')}"}
+        rec = {"dataset": ds, "model": model, "method": f"{row}{LABEL_MARKS.get(needs, '')}"}
         selection = part["options"].map(lambda o: o.get("selection") if isinstance(o, dict) else None)
         for proto, label in PROTOCOLS:
             sub = part[selection == proto] if selection.notna().any() else part

@@ -100,3 +100,63 @@ def test_methods_on_toy_features(toy_features):
     for name in ("zeroshot", "linear_probe", "clip_erm"):
         run = run_method(name, toy_features, seed=0, options={"epochs": 2} if name == "clip_erm" else None)
         assert run.metrics["test"]["group_n"] == np.bincount(toy_features.splits["test"].g, minlength=4).tolist()
+
+
+def _umfc_case() -> FeatureSet:
+    """Three clusters on the axes of R^3 (two images at e1, one at e2, one at e3), two prompts e1, e2."""
+    e = np.eye(3, dtype=np.float32)
+    z = np.stack([e[0], e[0], e[1], e[2]])
+    split = SplitFeatures(z=z, y=np.array([0, 0, 1, 1]), g=np.array([0, 0, 1, 1]))
+    return FeatureSet(splits={"train": split, "val": split, "test": split}, text=e[:2].copy(), logit_scale=10.0,
+                      n_groups=2, class_names=["a", "b"], group_names=["a", "b"])
+
+
+def test_umfc_matches_a_hand_computed_case():
+    from calib.methods.adapters import umfc_text_shift
+
+    data = _umfc_case()
+    m = create("umfc", n_clusters=3, alpha=0.9, beta=0.3)
+    m.fit(data, seed=0)
+    # mu = (.5, .25, .25); per cluster normalize(mu - mu_k): (-.8165, .4082, .4082), (.5345, -.8018, .2673),
+    # (.5345, .2673, -.8018); their sum (.2525, -.1263, -.1263) normalised:
+    d = np.array([0.8165, -0.4082, -0.4082])
+    np.testing.assert_allclose(umfc_text_shift(data.splits["train"].z, m.km.labels_, 3)[0], d, atol=1e-4)
+    # t' = normalize(t - 0.3 d): (.75505, .12247, .12247)/.77466 and (-.24495, 1.12247, .12247)/1.15540
+    np.testing.assert_allclose(m.text, [[0.97469, 0.15810, 0.15810], [-0.21200, 0.97150, 0.10600]], atol=1e-4)
+    # e3's cluster has zero mean zero-shot logits, so its calibrated logits are s * t'[:, 2]
+    np.testing.assert_allclose(m.logits(SplitFeatures(z=np.eye(3, dtype=np.float32)[2:], y=np.array([1]),
+                                                      g=np.array([1]))), [[1.5810, 1.0600]], atol=1e-3)
+    # an image at e1 loses alpha x its cluster's mean logits (10, 0)
+    e1 = m.logits(SplitFeatures(z=np.eye(3, dtype=np.float32)[:1], y=np.array([0]), g=np.array([0])))
+    np.testing.assert_allclose(e1, [[10 * 0.97469 - 9.0, 10 * -0.21200]], atol=1e-3)
+
+
+def test_umfc_two_clusters_cancel_and_beta_zero_is_image_side_only():
+    """With K = 2 the normalised directions are opposite, so the text shift vanishes (the old unnormalised
+    sum did not); with beta = 0 the prototypes are the zero-shot ones."""
+    from calib.methods.adapters import umfc_text_shift
+
+    rng = np.random.default_rng(0)
+    z = normalize(rng.normal(size=(50, 5)))
+    labels = (z[:, 0] > 0).astype(int)
+    np.testing.assert_allclose(umfc_text_shift(z, labels, 2), 0.0, atol=1e-3)  # rounding only (eps 1e-12)
+    data = _synthetic()
+    m = create("umfc", beta=0.0)
+    m.fit(data, seed=0)
+    np.testing.assert_allclose(m.text, normalize(data.text), atol=1e-6)
+
+
+def test_umfc_modes_fit_where_they_say_and_label_their_rows():
+    from calib.methods.adapters import UMFC
+
+    data = _synthetic()
+    fit = create("umfc", mode="train-fit")
+    fit.fit(data, seed=0)
+    trans = create("umfc", mode="transductive")
+    trans.fit(data, seed=0)
+    assert len(fit.km.labels_) == len(data.splits["train"].y)
+    assert len(trans.km.labels_) == len(data.splits["test"].y)
+    assert (trans.km.predict(normalize(data.splits["test"].z)) == trans.km.labels_).all()
+    assert UMFC.row_label({"mode": "transductive"}) == "umfc (transductive)"
+    with pytest.raises(ValueError, match="not one of"):
+        create("umfc", mode="test").fit(data, seed=0)

@@ -109,36 +109,75 @@ class ContrastiveAdapter(ProjectionMethod):
         self.anchor_groups = np.bincount(tr.g[anchors.cpu().numpy()], minlength=data.n_groups).tolist()
 
 
+UMFC_MODES = {"train-fit": "train", "transductive": "test"}  # mode -> split the clusters are fit on
+
+
 @dataclass
 class UMFCOptions:
     n_clusters: int = 4  # K k-means clusters (fixed a priori; never tuned on test)
     alpha: float = 0.9  # weight of the cluster's mean zero-shot logits subtracted (UMFC release default)
     beta: float = 0.3  # weight of the text-prototype shift (UMFC release default)
-    fit_on: str = "train"  # unlabeled images the clusters are estimated on: "train" or "test" (transductive)
+    mode: str = "train-fit"  # "train-fit": clusters fit on the training images, a test image takes the nearest
+    #                          centroid; "transductive": clusters fit on the test images themselves
+    max_iter: int = 500  # k-means iterations (the release's preprocess_cluster.py)
+
+
+def umfc_text_shift(z: np.ndarray, labels: np.ndarray, n_clusters: int) -> np.ndarray:
+    """UMFC's text-bias direction ``d = normalize(sum_k normalize(mu - mu_k))`` ``[1, D]``.
+
+    ``z``: ``[n, D]`` L2-normalised image embeddings; ``labels``: ``[n]`` cluster of each; ``mu`` is
+    the mean of all of ``z`` and ``mu_k`` cluster k's mean (release: ``get_image_bias`` then
+    ``calibrate_logits`` with ``CALIBRATE_TEXT='norm_ensemble'``).  Empty clusters add nothing.
+    """
+    mu = z.mean(0)
+    per_cluster = [normalize((mu - z[labels == k].mean(0))[None]) for k in range(n_clusters) if (labels == k).any()]
+    return normalize(np.sum(per_cluster, axis=0))
 
 
 @register
 class UMFC(Method):
-    """UMFC (Liang et al., 2024), training-free: k-means the image embeddings into K clusters;
-    subtract alpha x the cluster's mean zero-shot logits; shift the text prototypes by beta x the
-    normalised sum of (global mean - cluster mean) directions."""
+    """UMFC (Liang et al., 2024), training-free, as the authors' ``trainers/umfc_UC.py`` (class ``UMFC``,
+    ``CALIBRATE_TEXT='norm_ensemble'``) computes it:
+
+    - k-means (K clusters, 500 iterations) on L2-normalised image embeddings of the unlabeled split;
+    - image bias ``b_k``: the mean zero-shot logits of cluster k's samples ``[K, C]``;
+    - text bias ``d`` (:func:`umfc_text_shift`) and calibrated prototypes
+      ``t'_c = normalize(normalize(t_c) - beta * d)``;
+    - ``logits(x) = s * normalize(x) @ t'.T - alpha * b_{k(x)}``.
+
+    The release's image-feature and text-logit bias terms are initialised to zero and never set by
+    ``get_image_bias``, so they drop out.  ``mode`` picks the authors' two settings: ``"train-fit"``
+    (clusters and statistics from the training images; a test image takes its nearest centroid) or
+    ``"transductive"`` (from the test images).  Departure: k-means uses ``n_init=10`` and ``random_state=seed``
+    (the release leaves both at scikit-learn's defaults of its time, unseeded) so runs are reproducible.
+    """
 
     name = "umfc"
     Options = UMFCOptions
     summary = "training-free feature calibration with k-means clusters (alpha, beta fixed, never tuned on test)"
     uses = ("z", "text")
+    table_variants = {f"umfc ({m})": {"mode": m} for m in UMFC_MODES}
+
+    @classmethod
+    def row_label(cls, options: dict) -> str:
+        return f"{cls.name} ({options.get('mode', UMFCOptions.mode)})"
 
     def fit(self, data: FeatureSet, seed: int) -> None:
         o = self.options
-        if o.fit_on not in data.splits:
-            raise ValueError(f"UMFC fit_on={o.fit_on!r} but the features have splits {sorted(data.splits)}")
-        z = normalize(data.splits[o.fit_on].z)
-        self.km = KMeans(n_clusters=o.n_clusters, n_init=10, random_state=seed).fit(z)
-        centers = np.stack([z[self.km.labels_ == k].mean(0) for k in range(o.n_clusters)])
-        shift = normalize((z.mean(0)[None] - centers).sum(0, keepdims=True))
-        self.text = normalize(data.text + o.beta * shift)
+        if o.mode not in UMFC_MODES:
+            raise ValueError(f"UMFC mode {o.mode!r} is not one of {sorted(UMFC_MODES)}")
+        split = UMFC_MODES[o.mode]
+        if split not in data.splits:
+            raise ValueError(f"UMFC mode {o.mode!r} fits clusters on the {split!r} split, but the features have "
+                             f"splits {sorted(data.splits)}")
+        z = normalize(data.splits[split].z)
+        self.km = KMeans(n_clusters=o.n_clusters, n_init=10, max_iter=o.max_iter, random_state=seed).fit(z)
+        labels = self.km.labels_
         self.scale = data.logit_scale
-        self.cluster_bias = np.stack([zero_shot_logits(z[self.km.labels_ == k], data.text, self.scale).mean(0)
+        text = normalize(data.text)
+        self.text = normalize(text - o.beta * umfc_text_shift(z, labels, o.n_clusters))
+        zs = zero_shot_logits(z, text, self.scale)
+        self.cluster_bias = np.stack([zs[labels == k].mean(0) if (labels == k).any() else np.zeros(zs.shape[1])
                                       for k in range(o.n_clusters)])  # [K, C]
 
     def logits(self, split: SplitFeatures) -> np.ndarray:

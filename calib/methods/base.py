@@ -47,6 +47,13 @@ class Method:
     label_needs: ClassVar[str] = "none"
     uses: ClassVar[tuple[str, ...]] = ("z",)
     summary: ClassVar[str] = ""
+    # settings shown as separate table rows (label -> option overrides), e.g. UMFC's two modes
+    table_variants: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    @classmethod
+    def row_label(cls, options: dict[str, Any]) -> str:
+        """The method's name in tables for a row with these ``options`` (its setting, where it has several)."""
+        return cls.name
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()
