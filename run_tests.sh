@@ -17,6 +17,8 @@ calib_bootstrap "$ROOT"
 echo "[calib] environment ready in $((SECONDS - t0)) s ($PY)"
 export HF_HUB_OFFLINE=1 CUDA_VISIBLE_DEVICES="" PYTHONHASHSEED=0
 cd "$ROOT"
+# lint first (configured in pyproject.toml): CI fails on what `ruff check` finds, before any test runs
+"$PY" -m ruff check calib tests notebooks scripts
 set +e
 "$PY" -m pytest "${args[@]}"
 rc=$?

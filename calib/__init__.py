@@ -10,6 +10,7 @@ The package holds all logic; notebooks are thin drivers.  Main entry points:
 - :mod:`calib.results`   append-only JSONL result rows and tables
 - :mod:`calib.experiment` the end-to-end pipeline the notebooks call
 """
+
 from __future__ import annotations
 
 import logging

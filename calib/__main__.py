@@ -1,4 +1,5 @@
 """``python -m calib``: see :mod:`calib.cli`."""
+
 import sys
 
 from calib.cli import main

@@ -3,6 +3,7 @@
 One seed per variant on the toy (~25-45 s each on one CPU thread; 18 variants took 492 s in
 ``./run_all.sh``'s second lane); pass other variants through :func:`ablation_variants`.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -32,8 +33,12 @@ CFR_ABLATIONS: dict[str, dict[str, Any]] = {
 }
 
 
-def ablation_variants(names: list[str] | None = None, base: dict[str, Any] | None = None,
-                      table: dict[str, dict[str, Any]] | None = None, kind: str = "ablation") -> dict[str, tuple[str, dict]]:
+def ablation_variants(
+    names: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+    table: dict[str, dict[str, Any]] | None = None,
+    kind: str = "ablation",
+) -> dict[str, tuple[str, dict]]:
     """RunSpec variants of CFR for the named entries of ``table`` (default :data:`CFR_ABLATIONS`; all when
     ``names`` is empty), on top of ``base`` options.  ``kind`` names the table in errors."""
     table = CFR_ABLATIONS if table is None else table

@@ -1,4 +1,5 @@
 """Timing methods: a Waterbirds-sized synthetic feature set and a per-method, per-seed timer."""
+
 from __future__ import annotations
 
 import logging
@@ -33,20 +34,38 @@ def synthetic_features(d_h: int = 1024, d: int = 768, scale: float = 1.0, seed: 
         h = rng.normal(size=(len(g), d_h)) * 0.5
         h += np.outer(2 * y - 1, class_dir) * 0.5 + np.outer(2 * a - 1, spur_dir) * 2.0
         h = h.astype(np.float32)
-        splits[split] = SplitFeatures(z=h @ W0, y=y.astype(np.int64), g=g.astype(np.int64), a=a.astype(np.int64),
-                                      ids=np.arange(len(g)), h=h)
+        splits[split] = SplitFeatures(
+            z=h @ W0, y=y.astype(np.int64), g=g.astype(np.int64), a=a.astype(np.int64), ids=np.arange(len(g)), h=h
+        )
     # prompts "know" the class a little and the background a lot: zero-shot leans on the spurious feature
     text = normalize(np.stack([(-0.5 * class_dir - spur_dir) @ W0, (0.5 * class_dir + spur_dir) @ W0]))
-    return FeatureSet(splits=splits, text=text.astype(np.float32), logit_scale=100.0, n_groups=4,
-                      class_names=["landbird", "waterbird"],
-                      group_names=["landbird/land", "landbird/water", "waterbird/land", "waterbird/water"],
-                      attr_names=["land", "water"], W0=W0, b0=np.zeros(d, np.float32),
-                      meta={"dataset": f"synthetic-{d_h}x{d}", "model": "synthetic", "pretrained": "none",
-                            "weights": f"synthetic-{seed}", "dataset_version": f"{scale}", "device": "cpu"})
+    return FeatureSet(
+        splits=splits,
+        text=text.astype(np.float32),
+        logit_scale=100.0,
+        n_groups=4,
+        class_names=["landbird", "waterbird"],
+        group_names=["landbird/land", "landbird/water", "waterbird/land", "waterbird/water"],
+        attr_names=["land", "water"],
+        W0=W0,
+        b0=np.zeros(d, np.float32),
+        meta={
+            "dataset": f"synthetic-{d_h}x{d}",
+            "model": "synthetic",
+            "pretrained": "none",
+            "weights": f"synthetic-{seed}",
+            "dataset_version": f"{scale}",
+            "device": "cpu",
+        },
+    )
 
 
-def time_methods(features: FeatureSet, methods: list[str] | None = None, seeds: tuple[int, ...] = (0,),
-                 options: dict[str, dict] | None = None) -> pd.DataFrame:
+def time_methods(
+    features: FeatureSet,
+    methods: list[str] | None = None,
+    seeds: tuple[int, ...] = (0,),
+    options: dict[str, dict] | None = None,
+) -> pd.DataFrame:
     """Wall seconds of fit + evaluation per method and seed, with test WGA and accuracy."""
     rows = []
     for name in methods or list(REGISTRY):
@@ -54,8 +73,15 @@ def time_methods(features: FeatureSet, methods: list[str] | None = None, seeds: 
             seed_everything(seed)
             t0 = time.perf_counter()
             run = run_method(name, features, seed, (options or {}).get(name))
-            rows.append({"method": name, "seed": seed, "seconds": time.perf_counter() - t0,
-                         "fit_seconds": run.seconds, "test_wga": run.metrics["test"]["wga"],
-                         "test_avg_acc": run.metrics["test"]["avg_acc"]})
+            rows.append(
+                {
+                    "method": name,
+                    "seed": seed,
+                    "seconds": time.perf_counter() - t0,
+                    "fit_seconds": run.seconds,
+                    "test_wga": run.metrics["test"]["wga"],
+                    "test_avg_acc": run.metrics["test"]["avg_acc"],
+                }
+            )
             log.info("%s seed %d: %.1f s", name, seed, rows[-1]["seconds"])
     return pd.DataFrame(rows)

@@ -12,10 +12,12 @@
     python -m calib bench throughput --model RN50 [--pretrained random] [--device cuda] [--batch-size 64]
     python -m calib plan --profile paper --data-dir DIR [--backbones M:P,...] [--seeds N] [--full-size] [--json]
     python -m calib report readme [--dataset toy]
+    python -m calib report notebooks [--repository OWNER/NAME]
     python -m calib realism --dataset toy --model calib-toy-vit --pretrained toy [--json]
 
 Exit status: 0 on success, 2 on bad input (wrong layout, unknown name), with one clear message.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,9 +69,20 @@ def _cmd_check(args: argparse.Namespace) -> int:
     ds = load_dataset(args.dataset, Path(args.root), check_files=True)
     counts = ds.group_counts()
     if args.json:
-        print(json.dumps({"dataset": ds.name, "root": str(ds.root), "version": ds.version, "ok": True,
-                          "splits": {s: {"n": int(sum(c)), "groups": dict(zip(ds.group_names, c))} for s, c in counts.items()}},
-                         indent=2))
+        print(
+            json.dumps(
+                {
+                    "dataset": ds.name,
+                    "root": str(ds.root),
+                    "version": ds.version,
+                    "ok": True,
+                    "splits": {
+                        s: {"n": int(sum(c)), "groups": dict(zip(ds.group_names, c))} for s, c in counts.items()
+                    },
+                },
+                indent=2,
+            )
+        )
         return 0
     width = max(len(g) for g in ds.group_names)
     print(f"{ds.name} at {ds.root} (metadata version {ds.version}): layout OK")
@@ -88,7 +101,10 @@ def _cmd_list_methods(args: argparse.Namespace) -> int:
         print(json.dumps(methods, indent=2, default=str))
         return 0
     for m in methods:
-        print(f"{m['name']}{LABEL_MARKS[m['label_needs']]}  [group labels: {m['label_needs']}; uses: {', '.join(m['uses'])}]")
+        print(
+            f"{m['name']}{LABEL_MARKS[m['label_needs']]}  "
+            f"[group labels: {m['label_needs']}; uses: {', '.join(m['uses'])}]"
+        )
         print(f"    {m['summary']}")
         for k, v in m["options"].items():
             print(f"    --{k} (default {v!r})")
@@ -103,11 +119,10 @@ def _cmd_toy_clip(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
+    from calib.distributed import distributed_context
     from calib.experiment import prepare_dataset
     from calib.features import get_split_features, get_text_prototypes
     from calib.models import load_clip
-
-    from calib.distributed import distributed_context
 
     with distributed_context(args.device) as (rank, world, device):
         ds = prepare_dataset(args.dataset, args.root) if rank == 0 else None
@@ -122,8 +137,10 @@ def _cmd_extract(args: argparse.Namespace) -> int:
                 raise ValueError(f"unknown split {split!r}; {ds.name} has {sorted(ds.splits)}")
             feats = get_split_features(loaded, ds, split, batch_size=args.batch_size, num_workers=args.num_workers)
             if rank == 0:
-                print(f"{ds.name}/{split}: h {tuple(feats.h.shape)}, z {tuple(feats.z.shape)} "
-                      f"({world} process{'es' if world > 1 else ''})")
+                print(
+                    f"{ds.name}/{split}: h {tuple(feats.h.shape)}, z {tuple(feats.z.shape)} "
+                    f"({world} process{'es' if world > 1 else ''})"
+                )
         if rank == 0:
             get_text_prototypes(loaded, ds.class_names)
     return 0
@@ -150,14 +167,29 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     feats = load_npz(Path(args.embeddings))
     run = run_method(args.method, feats, seed=args.seed, options=_parse_options(args.option))
     if args.json:
-        print(json.dumps({"ok": True, "method": args.method, "seed": args.seed, "label_needs": run.label_needs,
-                          "options": run.options, "seconds": run.seconds, "metrics": run.metrics}, indent=2, default=str))
+        print(
+            json.dumps(
+                {
+                    "ok": True,
+                    "method": args.method,
+                    "seed": args.seed,
+                    "label_needs": run.label_needs,
+                    "options": run.options,
+                    "seconds": run.seconds,
+                    "metrics": run.metrics,
+                },
+                indent=2,
+                default=str,
+            )
+        )
         return 0
     print(f"{args.method} (seed {args.seed}; group labels read: {run.label_needs}; {run.seconds:.1f} s)")
     for split, m in run.metrics.items():
         groups = " ".join(f"{a * 100:.1f}" for a in m["group_acc"])
-        print(f"  {split:5s} WGA {m['wga'] * 100:5.1f}  avg {m['avg_acc'] * 100:5.1f}  "
-              f"avg(train-weighted) {m['avg_acc_trainw'] * 100:5.1f}  per group [{groups}]")
+        print(
+            f"  {split:5s} WGA {m['wga'] * 100:5.1f}  avg {m['avg_acc'] * 100:5.1f}  "
+            f"avg(train-weighted) {m['avg_acc_trainw'] * 100:5.1f}  per group [{groups}]"
+        )
     return 0
 
 
@@ -183,8 +215,10 @@ def _cmd_bench_methods(args: argparse.Namespace) -> int:
         feats = prepare_features(args.dataset, args.model, args.pretrained)
     df = time_methods(feats, args.method, tuple(args.seeds))
     sizes = {s: len(f) for s, f in feats.splits.items()}
-    print(f"{feats.meta['dataset']} {sizes}, h dim {feats.splits['train'].h.shape[1]}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"{feats.meta['dataset']} {sizes}, h dim {feats.splits['train'].h.shape[1]}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if args.json:
         Path(args.json).write_text(df.to_json(orient="records", indent=2))
@@ -199,18 +233,29 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
 
     torch.manual_seed(0)
     loaded = load_clip(args.model, args.pretrained, device=args.device)
-    t = measure(loaded, batch_size=args.batch_size, n_files=args.files, num_workers=args.num_workers,
-                amp=None if args.amp == "auto" else args.amp == "on", seconds=args.seconds)
+    t = measure(
+        loaded,
+        batch_size=args.batch_size,
+        n_files=args.files,
+        num_workers=args.num_workers,
+        amp=None if args.amp == "auto" else args.amp == "on",
+        seconds=args.seconds,
+    )
     if args.json:
         print(json.dumps(as_dict(t), indent=2))
         return 0
-    peak = (f"{100 * t.fraction_of_peak:.1f}% of the {t.peak_bf16_tflops:.0f} TFLOP/s bf16 peak"
-            if t.fraction_of_peak is not None else "peak unknown for this device")
-    print(f"{t.model} on {t.device} ({t.device_name}), batch {t.batch_size}, {t.image_size} px, "
-          f"{'bf16 autocast' if t.amp else 'fp32'}:\n"
-          f"  model-bound    {t.model_bound_img_s:9.1f} img/s  (in-memory tensors)\n"
-          f"  pipeline-bound {t.pipeline_bound_img_s:9.1f} img/s  (500x375 JPEG files through the DataLoader)\n"
-          f"  {t.gflop_per_image:.2f} GFLOP/img -> {t.achieved_tflops:.3f} TFLOP/s model-bound; {peak}")
+    peak = (
+        f"{100 * t.fraction_of_peak:.1f}% of the {t.peak_bf16_tflops:.0f} TFLOP/s bf16 peak"
+        if t.fraction_of_peak is not None
+        else "peak unknown for this device"
+    )
+    print(
+        f"{t.model} on {t.device} ({t.device_name}), batch {t.batch_size}, {t.image_size} px, "
+        f"{'bf16 autocast' if t.amp else 'fp32'}:\n"
+        f"  model-bound    {t.model_bound_img_s:9.1f} img/s  (in-memory tensors)\n"
+        f"  pipeline-bound {t.pipeline_bound_img_s:9.1f} img/s  (500x375 JPEG files through the DataLoader)\n"
+        f"  {t.gflop_per_image:.2f} GFLOP/img -> {t.achieved_tflops:.3f} TFLOP/s model-bound; {peak}"
+    )
     return 0
 
 
@@ -220,11 +265,17 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from calib.plan import PAPER_BACKBONES, full_size_plan, paper_plan, parse_backbones
 
     backbones = parse_backbones(args.backbones) if args.backbones else PAPER_BACKBONES
-    plan = (full_size_plan(backbones, seeds=args.seeds) if args.full_size
-            else paper_plan(Path(args.data_dir), backbones, seeds=args.seeds))
+    plan = (
+        full_size_plan(backbones, seeds=args.seeds)
+        if args.full_size
+        else paper_plan(Path(args.data_dir), backbones, seeds=args.seeds)
+    )
     if args.json:
-        print(json.dumps({"rows": [asdict(r) for r in plan.rows], "skipped": plan.skipped,
-                          "gpu_hours": plan.gpu_hours}, indent=2))
+        print(
+            json.dumps(
+                {"rows": [asdict(r) for r in plan.rows], "skipped": plan.skipped, "gpu_hours": plan.gpu_hours}, indent=2
+            )
+        )
     else:
         print(plan.render())
     return 0
@@ -235,6 +286,15 @@ def _cmd_report_readme(args: argparse.Namespace) -> int:
 
     path = update_readme(args.dataset, Path(args.readme) if args.readme else None)
     print(f"updated {path}")
+    return 0
+
+
+def _cmd_report_notebooks(args: argparse.Namespace) -> int:
+    from calib.colab import repository, sync_notebooks
+
+    repo = args.repository or repository()
+    changed = sync_notebooks(repo)
+    print(f"Colab badges and bootstrap cells point at github.com/{repo}; {len(changed)} file(s) rewritten")
     return 0
 
 
@@ -328,8 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--profile", choices=["paper"], default="paper")
     pl.add_argument("--data-dir", default=".", help="folder holding waterbirds/, celeba/, metashift/, chexpert/")
     pl.add_argument("--full-size", action="store_true", help="estimate as if every dataset were present")
-    pl.add_argument("--backbones", default=None,
-                    help="comma-separated MODEL:PRETRAINED pairs (default: RN50-quickgelu:openai,ViT-L-14-quickgelu:openai)")
+    pl.add_argument(
+        "--backbones",
+        default=None,
+        help="comma-separated MODEL:PRETRAINED pairs (default: RN50-quickgelu:openai,ViT-L-14-quickgelu:openai)",
+    )
     pl.add_argument("--seeds", type=int, default=5, help="seeds per method (the paper: 5)")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=_cmd_plan)
@@ -349,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     rr.add_argument("--dataset", default="toy")
     rr.add_argument("--readme", default=None, help="README path (default: the checkout's README.md)")
     rr.set_defaults(func=_cmd_report_readme)
+    rn = rep.add_parser("notebooks", help="point the Colab badges and bootstrap cells at [project.urls] Repository")
+    rn.add_argument("--repository", default=None, help="owner/name instead of pyproject's (for a one-off check)")
+    rn.set_defaults(func=_cmd_report_notebooks)
     return p
 
 
@@ -361,7 +427,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (DatasetLayoutError, WeightsUnavailableError, DownloadError, ValueError, FileNotFoundError) as err:  # incl. EmbeddingsFileError
+    except (
+        DatasetLayoutError,
+        WeightsUnavailableError,
+        DownloadError,
+        ValueError,
+        FileNotFoundError,
+    ) as err:  # incl. EmbeddingsFileError
         if getattr(args, "json", False):
             print(json.dumps({"ok": False, "error": str(err)}))
         print(f"error: {err}", file=sys.stderr)

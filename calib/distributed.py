@@ -1,9 +1,10 @@
 """torch.distributed set-up for feature extraction under ``torchrun`` (NCCL on GPUs, gloo on CPU)."""
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 

@@ -12,6 +12,7 @@
 Datasets that need registration or a build step (CelebA, CheXpert, MetaShift) are not downloaded:
 the error says what to get and where to put it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,17 +39,20 @@ class Source:
 
 
 SOURCES = {
-    "waterbirds": Source(url="https://nlp.stanford.edu/data/dro/waterbird_complete95_forest2water2.tar.gz",
-                         sha256=None, group_sizes={s: list(v) for s, v in WATERBIRDS_GROUP_SIZES.items()}),
+    "waterbirds": Source(
+        url="https://nlp.stanford.edu/data/dro/waterbird_complete95_forest2water2.tar.gz",
+        sha256=None,
+        group_sizes={s: list(v) for s, v in WATERBIRDS_GROUP_SIZES.items()},
+    ),
 }
 MANUAL = {
     "celeba": "CelebA needs a manual download (Google Drive or Kaggle, with their terms): see "
-              "`python -m calib data check --dataset celeba` for the layout.",
+    "`python -m calib data check --dataset celeba` for the layout.",
     "chexpert": "CheXpert requires registration at https://stanfordaimi.azurewebsites.net/ (CheXpert-v1.0-small and "
-                "the CHEXPERT DEMO table); put them in one folder and pass it as --root.",
+    "the CHEXPERT DEMO table); put them in one folder and pass it as --root.",
     "chexpert-sex": "CheXpert requires registration at https://stanfordaimi.azurewebsites.net/.",
     "metashift": "MetaShift-Cat-Dog-indoor-outdoor is built with the MetaShift repository's dataset_generation "
-                 "script (or taken from SubpopBench's data); put its train/ and test/ folders under --root.",
+    "script (or taken from SubpopBench's data); put its train/ and test/ folders under --root.",
 }
 
 
@@ -76,8 +80,10 @@ def _fetch(source: str, part: Path, chunk: int = 1 << 20) -> None:
         with urllib.request.urlopen(req, timeout=60) as resp, open(part, "ab" if resp.status == 206 else "wb") as dst:
             shutil.copyfileobj(resp, dst, chunk)
     except OSError as err:
-        raise DownloadError(f"download of {source} failed ({err}); run the command again to resume "
-                            f"from {part.stat().st_size if part.exists() else 0} bytes") from err
+        raise DownloadError(
+            f"download of {source} failed ({err}); run the command again to resume "
+            f"from {part.stat().st_size if part.exists() else 0} bytes"
+        ) from err
 
 
 def sha256_of(path: Path) -> str:

@@ -6,6 +6,7 @@ training and validation accuracy, the calibration set's accuracy and, on the tes
 weight of the core and spurious directions.  :func:`history_frame` turns rows into long form for
 plotting; :func:`epoch_table` gives issue 8's per-epoch table.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -43,7 +44,9 @@ PANELS: dict[str, tuple[str, ...]] = {
 }
 
 
-def dynamics_variants(names: list[str] | None = None, base: dict[str, Any] | None = None) -> dict[str, tuple[str, dict]]:
+def dynamics_variants(
+    names: list[str] | None = None, base: dict[str, Any] | None = None
+) -> dict[str, tuple[str, dict]]:
     """RunSpec variants for the named dynamics runs (all when ``names`` is empty), on top of ``base``."""
     return ablation_variants(names, base, table=CFR_DYNAMICS, kind="dynamics run")
 
@@ -56,8 +59,9 @@ def history_frame(rows: pd.DataFrame) -> pd.DataFrame:
     for _, row in rows.iterrows():
         history = row.get("history")
         if not isinstance(history, list):
-            raise ValueError(f"row {row.get('variant')!r} seed {row.get('seed')} has no history; "
-                             "run it with RunSpec(history=True)")
+            raise ValueError(
+                f"row {row.get('variant')!r} seed {row.get('seed')} has no history; run it with RunSpec(history=True)"
+            )
         groups = row.get("group_names") or []
         for rec in history:
             for panel, keys in PANELS.items():
@@ -65,10 +69,15 @@ def history_frame(rows: pd.DataFrame) -> pd.DataFrame:
                     value = rec.get(key)
                     if value is None:
                         continue
-                    series = (zip([f"train acc: {g}" for g in groups or range(len(value))], value)
-                              if isinstance(value, list) else [(key, value)])
-                    out += [(row["dataset"], row["model"], row["variant"], row["seed"], rec["epoch"], panel, name, v)
-                            for name, v in series]
+                    series = (
+                        zip([f"train acc: {g}" for g in groups or range(len(value))], value)
+                        if isinstance(value, list)
+                        else [(key, value)]
+                    )
+                    out += [
+                        (row["dataset"], row["model"], row["variant"], row["seed"], rec["epoch"], panel, name, v)
+                        for name, v in series
+                    ]
     return pd.DataFrame(out, columns=["dataset", "model", "variant", "seed", "epoch", "panel", "series", "value"])
 
 
@@ -81,13 +90,17 @@ def epoch_table(rows: pd.DataFrame, epochs: tuple[int, ...] = (0, 10, 20, 30, 50
         val_mean = [float(np.mean(col[~np.isnan(col)])) if (~np.isnan(col)).any() else np.nan for col in val.T]
         cal = grp["calibration_groups"].tolist() if "calibration_groups" in grp else []
         cal_text = " / ".join(str(int(round(v))) for v in np.mean(cal, 0)) if cal and cal[0] is not None else "—"
-        out.append({
-            "variant": variant,
-            "seeds": len(grp),
-            "calibration set per group": cal_text,
-            "selected epoch": ", ".join(str(int(s)) for s in sorted(set(grp["selected_epoch"]))),
-            "val WGA at epochs " + " / ".join(map(str, epochs)): " / ".join(
-                "—" if np.isnan(v) else f"{v:.1f}" for v in val_mean),
-            "test WGA": f"{grp['test.wga'].mean() * 100:.1f} ± {grp['test.wga'].std(ddof=1) * 100 if len(grp) > 1 else 0:.1f}",
-        })
+        out.append(
+            {
+                "variant": variant,
+                "seeds": len(grp),
+                "calibration set per group": cal_text,
+                "selected epoch": ", ".join(str(int(s)) for s in sorted(set(grp["selected_epoch"]))),
+                "val WGA at epochs " + " / ".join(map(str, epochs)): " / ".join(
+                    "—" if np.isnan(v) else f"{v:.1f}" for v in val_mean
+                ),
+                "test WGA": f"{grp['test.wga'].mean() * 100:.1f} ± "
+                f"{grp['test.wga'].std(ddof=1) * 100 if len(grp) > 1 else 0:.1f}",
+            }
+        )
     return pd.DataFrame(out)

@@ -4,6 +4,7 @@ Dataset names: ``"toy"`` (the built-in toy benchmark, made on first use), ``"toy
 miniature for tests and smoke runs), or any name in :data:`calib.data.LOADERS` (real data,
 read from ``root`` or ``<CALIB_DATA_DIR>/<name>``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -106,8 +107,9 @@ def _reuse_key(method: str, seed: int, options: dict, features: FeatureSet) -> t
     return (method, int(seed), stable_hash(options, 10), m.get("weights"), m.get("dataset_version"), code_hash())
 
 
-def run_experiment(spec: RunSpec, features: FeatureSet, write: bool = True, reuse: bool = True,
-                   results_dir: Path | None = None) -> pd.DataFrame:
+def run_experiment(
+    spec: RunSpec, features: FeatureSet, write: bool = True, reuse: bool = True, results_dir: Path | None = None
+) -> pd.DataFrame:
     """Run every (method, seed), append one result row each, and return the rows as a DataFrame.
 
     With ``reuse`` (default) a (method, seed, options) whose row already exists for the same
@@ -118,8 +120,14 @@ def run_experiment(spec: RunSpec, features: FeatureSet, write: bool = True, reus
     stored = {}
     if reuse and write and path.is_file():
         for row in read_rows(path):
-            key = (row["method"], row["seed"], row["options_hash"], row.get("weights"), row.get("dataset_version"),
-                   row.get("code"))
+            key = (
+                row["method"],
+                row["seed"],
+                row["options_hash"],
+                row.get("weights"),
+                row.get("dataset_version"),
+                row.get("code"),
+            )
             stored[key] = row
     rows = []
     trained: dict[tuple, MethodRun] = {}  # runs differing only in `selection` share one training run
@@ -142,17 +150,32 @@ def run_experiment(spec: RunSpec, features: FeatureSet, write: bool = True, reus
                 run = run_method(method, features, seed, overrides)
                 trained[trajectory] = run
             selected = next((r["epoch"] for r in run.history if r.get("selected")), None)
-            rows.append(make_row(
-                experiment=spec.experiment, method=method, dataset=features.meta.get("dataset", "?"),
-                model=features.meta.get("model", "?"), pretrained=features.meta.get("pretrained", "?"),
-                seed=seed, options=run.options, metrics=run.metrics, device=features.meta.get("device", "cpu"),
-                extra={"variant": variant, "label_needs": run.label_needs, "seconds": run.seconds,
-                       "epochs_run": len(run.history), "selected_epoch": selected,
-                       "group_names": features.group_names, "weights": features.meta.get("weights"),
-                       "dataset_version": features.meta.get("dataset_version"), "code": code_hash(),
-                       "calibration_groups": getattr(run.instance, "calibration_groups", None),
-                       **({"history": run.history} if spec.history else {})},
-            ))
+            rows.append(
+                make_row(
+                    experiment=spec.experiment,
+                    method=method,
+                    dataset=features.meta.get("dataset", "?"),
+                    model=features.meta.get("model", "?"),
+                    pretrained=features.meta.get("pretrained", "?"),
+                    seed=seed,
+                    options=run.options,
+                    metrics=run.metrics,
+                    device=features.meta.get("device", "cpu"),
+                    extra={
+                        "variant": variant,
+                        "label_needs": run.label_needs,
+                        "seconds": run.seconds,
+                        "epochs_run": len(run.history),
+                        "selected_epoch": selected,
+                        "group_names": features.group_names,
+                        "weights": features.meta.get("weights"),
+                        "dataset_version": features.meta.get("dataset_version"),
+                        "code": code_hash(),
+                        "calibration_groups": getattr(run.instance, "calibration_groups", None),
+                        **({"history": run.history} if spec.history else {}),
+                    },
+                )
+            )
             if write:  # one row at a time: an interrupted experiment resumes where it stopped
                 append_rows([rows[-1]], path)
     return pd.DataFrame.from_records([flatten_row(r) for r in rows])
@@ -163,8 +186,15 @@ def epoch_options(epochs: int) -> dict[str, dict[str, Any]]:
     return {"clip_erm": {"epochs": epochs}, "cfr": {"epochs": epochs, "reference_epochs": epochs}}
 
 
-def run_grid(experiment: str, datasets: list[str], backbones: list[list[str]], methods: list[str], seeds: list[int],
-             options: dict[str, dict] | None = None, protocols: bool = True) -> pd.DataFrame:
+def run_grid(
+    experiment: str,
+    datasets: list[str],
+    backbones: list[list[str]],
+    methods: list[str],
+    seeds: list[int],
+    options: dict[str, dict] | None = None,
+    protocols: bool = True,
+) -> pd.DataFrame:
     """Every method x dataset x backbone x seed (and, with ``protocols``, both selection protocols).
 
     ``backbones`` holds ``[model, pretrained]`` pairs.  Returns the rows of this grid.
@@ -173,6 +203,10 @@ def run_grid(experiment: str, datasets: list[str], backbones: list[list[str]], m
     for dataset in datasets:
         for model, pretrained in backbones:
             features = prepare_features(dataset, model, pretrained)
-            variants = protocol_variants(methods, options) if protocols else {m: (m, (options or {}).get(m, {})) for m in methods}
+            variants = (
+                protocol_variants(methods, options)
+                if protocols
+                else {m: (m, (options or {}).get(m, {})) for m in methods}
+            )
             frames.append(run_experiment(RunSpec(experiment, [], list(seeds), variants=variants), features))
     return pd.concat(frames, ignore_index=True)

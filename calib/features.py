@@ -9,6 +9,7 @@ dataset version, split, format version): a cache made for another model, preproc
 dataset version is never picked up.  Each entry is written to a temporary file and renamed when
 complete, so an interrupted extraction never leaves a file that looks valid.
 """
+
 from __future__ import annotations
 
 import io
@@ -135,8 +136,16 @@ def cache_path(key: dict, cache_dir: Path | None = None) -> Path:
 
 def _save(path: Path, key: dict, feats: SplitFeatures) -> None:
     buf = io.BytesIO()
-    np.savez(buf, h=feats.h, z=feats.z, y=feats.y, a=feats.a, g=feats.g, ids=feats.ids,
-             key=np.array(json.dumps(key, sort_keys=True)))
+    np.savez(
+        buf,
+        h=feats.h,
+        z=feats.z,
+        y=feats.y,
+        a=feats.a,
+        g=feats.g,
+        ids=feats.ids,
+        key=np.array(json.dumps(key, sort_keys=True)),
+    )
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -196,8 +205,13 @@ def extract_split(
     workers = default_num_workers() if num_workers is None else num_workers
     rank, world = dist_info()
     sampler = _BatchShard(len(table.paths), batch_size, rank, world)
-    loader = DataLoader(ImageFiles(table.paths, loaded.preprocess), batch_sampler=sampler, num_workers=workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
+    loader = DataLoader(
+        ImageFiles(table.paths, loaded.preprocess),
+        batch_sampler=sampler,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
     parts = []
     for x, idx in tqdm(loader, desc=desc, unit="batch", mininterval=2, disable=rank != 0):
         x = x.to(device, non_blocking=True)
@@ -241,8 +255,9 @@ def get_split_features(
     return feats
 
 
-def get_text_prototypes(loaded: LoadedClip, class_names: list[str], templates: list[str] | None = None,
-                        cache_dir: Path | None = None) -> np.ndarray:
+def get_text_prototypes(
+    loaded: LoadedClip, class_names: list[str], templates: list[str] | None = None, cache_dir: Path | None = None
+) -> np.ndarray:
     """Zero-shot class prototypes ``[C, d]`` (prompt ensemble), cached per weights and prompts."""
     templates = templates or imagenet_templates()
     key = {"weights": loaded.fingerprint, "model": loaded.name, "classes": class_names, "templates": templates}
@@ -275,6 +290,12 @@ def build_feature_set(
         attr_names=list(dataset.attr_names),
         W0=W0.numpy(),
         b0=b0.numpy(),
-        meta={"dataset": dataset.name, "model": loaded.name, "pretrained": loaded.pretrained,
-              "weights": loaded.fingerprint, "dataset_version": dataset.version, "device": loaded.device},
+        meta={
+            "dataset": dataset.name,
+            "model": loaded.name,
+            "pretrained": loaded.pretrained,
+            "weights": loaded.fingerprint,
+            "dataset_version": dataset.version,
+            "device": loaded.device,
+        },
     )

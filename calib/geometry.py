@@ -1,4 +1,5 @@
 """Feature geometry before and after CFR: 2-D projections and the calibration set's composition."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,16 @@ def project_2d(x: np.ndarray, seed: int = 0) -> np.ndarray:
     return PCA(n_components=2, svd_solver="full", random_state=seed).fit_transform(normalize(x))
 
 
-def geometry_figure(before: np.ndarray, after: np.ndarray, y: np.ndarray, a: np.ndarray,
-                    class_names: list[str], attr_names: list[str], max_points: int = 3000, seed: int = 0) -> plt.Figure:
+def geometry_figure(
+    before: np.ndarray,
+    after: np.ndarray,
+    y: np.ndarray,
+    a: np.ndarray,
+    class_names: list[str],
+    attr_names: list[str],
+    max_points: int = 3000,
+    seed: int = 0,
+) -> plt.Figure:
     """2x2 panels: PCA of embeddings before / after, coloured by class (top) and by spurious attribute (bottom)."""
     use_style()
     rng = np.random.default_rng(seed)
@@ -39,7 +48,9 @@ def geometry_figure(before: np.ndarray, after: np.ndarray, y: np.ndarray, a: np.
     fig, axes = plt.subplots(2, 2, figsize=(8, 7))
     for col, (title, emb) in enumerate((("before (pretrained projection)", before), ("after CFR", after))):
         pts = project_2d(emb, seed)[keep]
-        for row, (labels, names, what) in enumerate(((y[keep], class_names, "class"), (a[keep], attr_names, "spurious attribute"))):
+        for row, (labels, names, what) in enumerate(
+            ((y[keep], class_names, "class"), (a[keep], attr_names, "spurious attribute"))
+        ):
             ax = axes[row, col]
             for k, name in enumerate(names):
                 m = labels == k
@@ -70,8 +81,9 @@ def composition_figure(counts: list[int], train_counts: list[int], group_names: 
     return fig
 
 
-def cfr_geometry(features: FeatureSet, seed: int = 0, options: dict | None = None, split: str = "test",
-                 cache_dir: Path | None = None) -> dict:
+def cfr_geometry(
+    features: FeatureSet, seed: int = 0, options: dict | None = None, split: str = "test", cache_dir: Path | None = None
+) -> dict:
     """Train CFR once and return what the geometry notebook draws, cached like result rows.
 
     Returns ``{"before": [n, d], "after": [n, d], "calibration_groups": [G], "metrics": {...}}``; the
@@ -82,18 +94,39 @@ def cfr_geometry(features: FeatureSet, seed: int = 0, options: dict | None = Non
     from calib.utils import atomic_write_bytes, code_hash, stable_hash
 
     opts = dataclasses.asdict(make_options("cfr", options))
-    key = stable_hash({"weights": features.meta.get("weights"), "data": features.meta.get("dataset_version"),
-                       "options": opts, "seed": seed, "split": split, "code": code_hash()})
+    key = stable_hash(
+        {
+            "weights": features.meta.get("weights"),
+            "data": features.meta.get("dataset_version"),
+            "options": opts,
+            "seed": seed,
+            "split": split,
+            "code": code_hash(),
+        }
+    )
     path = Path(cache_dir or paths.cache_dir()) / "geometry" / f"cfr-{key}.npz"
     if path.is_file():
         with np.load(path, allow_pickle=False) as f:
-            return {"before": f["before"], "after": f["after"], "calibration_groups": f["groups"].tolist(),
-                    "metrics": json.loads(str(f["metrics"]))}
+            return {
+                "before": f["before"],
+                "after": f["after"],
+                "calibration_groups": f["groups"].tolist(),
+                "metrics": json.loads(str(f["metrics"])),
+            }
     run = run_method("cfr", features, seed, options)
-    out = {"before": features.splits[split].z, "after": embeddings_after(run.instance, features, split),
-           "calibration_groups": run.instance.calibration_groups, "metrics": run.metrics[split]}
+    out = {
+        "before": features.splits[split].z,
+        "after": embeddings_after(run.instance, features, split),
+        "calibration_groups": run.instance.calibration_groups,
+        "metrics": run.metrics[split],
+    }
     buf = io.BytesIO()
-    np.savez(buf, before=out["before"], after=out["after"], groups=np.array(out["calibration_groups"]),
-             metrics=np.array(json.dumps(out["metrics"])))
+    np.savez(
+        buf,
+        before=out["before"],
+        after=out["after"],
+        groups=np.array(out["calibration_groups"]),
+        metrics=np.array(json.dumps(out["metrics"])),
+    )
     atomic_write_bytes(path, buf.getvalue())
     return out

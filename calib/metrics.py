@@ -6,6 +6,7 @@
                      (the Waterbirds convention of DFR / JTT / CFR)
 - ``group_acc``      per-group accuracy (NaN for a group with no sample)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -18,26 +18,25 @@ CFR trains only the image tower's final linear map ``z = h @ W + b``.  :func:`en
 returns ``h`` (ViT: pooled token after ``ln_post``; RN50: attention-pool output before ``c_proj``)
 and ``z``; :func:`projection_params` returns ``W`` (``[d_h, d]``) and ``b`` (``[d]``).
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import socket
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from calib import paths
+from calib.toyclip import ASSETS, TOY_MODEL_NAME, TOY_PRESETS, ensure_toy_clip, register_calib_models  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-ASSETS = paths.PACKAGE_DIR / "assets"
-TOY_MODEL_NAME = "calib-toy-vit"
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -46,14 +45,6 @@ class WeightsUnavailableError(RuntimeError):
 
 class UnsupportedModelError(ValueError):
     """The image tower is of a kind whose final linear map calib does not know how to split."""
-
-
-def register_calib_models() -> None:
-    """Register calib's own architectures (the toy CLIP) with open_clip; idempotent."""
-    import open_clip
-
-    if TOY_MODEL_NAME not in open_clip.list_models():
-        open_clip.add_model_config(ASSETS / f"{TOY_MODEL_NAME}.json")
 
 
 @dataclass
@@ -128,7 +119,8 @@ def _check_tag_available(name: str, tag: str, cache_dir: str | None) -> None:
         f"The weights for open_clip model {name!r} with pretrained tag {tag!r} are not on this machine "
         f"and cannot be downloaded (offline).\n"
         f"Download them on a machine with network from: {'; '.join(sources) or 'the open_clip model zoo'}\n"
-        f"then either pass the file itself, e.g. load_clip({name!r}, pretrained='/path/to/open_clip_model.safetensors') "
+        "then either pass the file itself, e.g. "
+        f"load_clip({name!r}, pretrained='/path/to/open_clip_model.safetensors') "
         f"(notebooks: the `pretrained` parameter), or place it in the Hugging Face cache "
         f"(HF_HUB_CACHE; e.g. `huggingface-cli download {hf.rstrip('/') if hf else '<repo>'}` on a connected machine, "
         f"then copy its cache folder here)."
@@ -144,18 +136,17 @@ def _resolve(name: str, pretrained: str | None, cache_dir: str | None) -> str | 
         import difflib
 
         close = difflib.get_close_matches(name, open_clip.list_models(), n=5, cutoff=0.5)
-        raise ValueError(f"unknown open_clip model {name!r}; did you mean one of {close}? "
-                         "(`open_clip.list_models()` lists all)")
+        raise ValueError(
+            f"unknown open_clip model {name!r}; did you mean one of {close}? (`open_clip.list_models()` lists all)"
+        )
     if random_seed(pretrained) is not None:
         return None
     if pretrained in ("toy", "toy-quick"):
-        from calib.toyclip import TOY_PRESETS, ensure_toy_clip
-
         if name != TOY_MODEL_NAME:
             raise ValueError(f"pretrained={pretrained!r} exists only for model {TOY_MODEL_NAME!r}, not {name!r}")
         return str(ensure_toy_clip(TOY_PRESETS[pretrained]))
     if pretrained.startswith("local-dir:"):
-        folder = Path(pretrained[len("local-dir:"):]).expanduser()
+        folder = Path(pretrained[len("local-dir:") :]).expanduser()
         if not (folder / "open_clip_config.json").is_file():
             raise WeightsUnavailableError(f"{pretrained}: expected {folder}/open_clip_config.json and a weights file")
         return f"local-dir:{folder.resolve()}"
@@ -166,8 +157,10 @@ def _resolve(name: str, pretrained: str | None, cache_dir: str | None) -> str | 
         return str(as_path.resolve())
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained not in tags:
-        raise ValueError(f"unknown pretrained tag {pretrained!r} for model {name!r}; known tags: {tags} "
-                         "(or pass a checkpoint file, 'local-dir:<folder>', 'random')")
+        raise ValueError(
+            f"unknown pretrained tag {pretrained!r} for model {name!r}; known tags: {tags} "
+            "(or pass a checkpoint file, 'local-dir:<folder>', 'random')"
+        )
     _check_tag_available(name, pretrained, cache_dir)
     return pretrained
 
@@ -178,7 +171,7 @@ def random_seed(pretrained: str | None) -> int | None:
         return 0
     if pretrained.startswith("random:"):
         try:
-            return int(pretrained[len("random:"):])
+            return int(pretrained[len("random:") :])
         except ValueError:
             raise ValueError(f"pretrained={pretrained!r}: expected 'random:<integer seed>'") from None
     return None
@@ -230,7 +223,7 @@ def load_clip(
 
 
 def _tower_kind(visual: nn.Module) -> str:
-    if hasattr(visual, "attnpool") and hasattr(getattr(visual, "attnpool"), "c_proj"):
+    if hasattr(visual, "attnpool") and hasattr(visual.attnpool, "c_proj"):
         return "resnet"
     if isinstance(getattr(visual, "proj", None), nn.Parameter):
         if getattr(visual, "attn_pool", None) is not None:

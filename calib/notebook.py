@@ -1,4 +1,5 @@
 """What every notebook's first calib cell calls: logging, figure style, device report."""
+
 from __future__ import annotations
 
 import logging
@@ -7,8 +8,6 @@ import sys
 from calib.utils import default_device, setup_logging
 
 log = logging.getLogger(__name__)
-
-GITHUB_REPO = "calib-org/calib"  # <owner>/<repo> used by the Colab badges and the bootstrap cell
 
 
 def in_colab() -> bool:
@@ -42,7 +41,9 @@ def setup(colab_drive: bool = False, level: int = logging.INFO) -> str:
         log.warning("colab_drive=True outside Colab: ignored")
     device = default_device()
     if device == "cpu" and in_colab():
-        log.warning("No GPU attached: Runtime > Change runtime type > GPU. The toy benchmark runs on CPU; "
-                    "real CLIP backbones will be slow.")
+        log.warning(
+            "No GPU attached: Runtime > Change runtime type > GPU. The toy benchmark runs on CPU; "
+            "real CLIP backbones will be slow."
+        )
     log.info("calib on %s", device)
     return device

@@ -7,6 +7,7 @@ methods that use the zero-shot head or pre-projection features cannot run on an 
 
 :func:`export_npz` writes calib's cached features in this layout.
 """
+
 from __future__ import annotations
 
 import io
@@ -73,8 +74,14 @@ def load_npz(path: Path) -> FeatureSet:
         n_groups=n_groups,
         class_names=[f"class{c}" for c in range(n_classes)],
         group_names=[f"group{k}" for k in range(n_groups)],
-        meta={"dataset": path.stem, "model": "npz", "pretrained": str(path), "weights": file_hash(path),
-              "dataset_version": file_hash(path), "device": "cpu"},
+        meta={
+            "dataset": path.stem,
+            "model": "npz",
+            "pretrained": str(path),
+            "weights": file_hash(path),
+            "dataset_version": file_hash(path),
+            "device": "cpu",
+        },
     )
 
 

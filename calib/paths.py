@@ -4,6 +4,7 @@ Every location can be overridden with an environment variable; otherwise it live
 ``CALIB_HOME``, which defaults to the repository root for a source checkout (so
 ``./run_all.sh`` keeps everything next to the code) and to ``~/.calib`` for an installed package.
 """
+
 from __future__ import annotations
 
 import os

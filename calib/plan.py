@@ -8,14 +8,15 @@ The cost estimate uses *assumed* single-GPU numbers (bf16, pipeline-bound extrac
 seconds scaled by training-set size from a Waterbirds-sized run), not measurements: replace them
 with ``python -m calib bench throughput`` / ``bench methods`` results from your machine.
 """
+
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from calib.data import LOADERS, DatasetLayoutError
 from calib.ablations import CFR_ABLATIONS
+from calib.data import LOADERS, DatasetLayoutError
 from calib.dynamics import CFR_DYNAMICS
 
 log = logging.getLogger(__name__)
@@ -26,8 +27,18 @@ OPTIONAL_BACKBONES = (("ViT-L-14-336-quickgelu", "openai"),)
 PAPER_SEEDS = (0, 1, 2, 3, 4)
 # assumptions (one recent datacenter GPU): extraction images/s and method seconds on 4,795 training samples
 ASSUMED_IMG_S = {"RN50-quickgelu": 2000.0, "ViT-L-14-quickgelu": 600.0, "ViT-L-14-336-quickgelu": 250.0}
-ASSUMED_METHOD_S = {"cfr": 60.0, "clip_erm": 15.0, "groupdro": 5.0, "contrastive_adapter": 5.0, "umfc": 2.0,
-                    "dfr": 2.0, "jtt": 2.0, "afr": 2.0, "linear_probe": 1.0, "zeroshot": 0.1}
+ASSUMED_METHOD_S = {
+    "cfr": 60.0,
+    "clip_erm": 15.0,
+    "groupdro": 5.0,
+    "contrastive_adapter": 5.0,
+    "umfc": 2.0,
+    "dfr": 2.0,
+    "jtt": 2.0,
+    "afr": 2.0,
+    "linear_probe": 1.0,
+    "zeroshot": 0.1,
+}
 WATERBIRDS_TRAIN = 4795
 # notebook -> methods it trains per (dataset, backbone, seed); 03 runs both protocols from one training run
 NOTEBOOK_METHODS = {
@@ -64,10 +75,14 @@ class Plan:
     def render(self) -> str:
         lines = [f"skip {s}" for s in self.skipped]
         if self.rows:
-            lines.append(f"{'dataset':11s} {'backbone':24s} {'images':>8s} {'train':>7s} {'extract h':>9s} {'methods h':>9s}")
+            lines.append(
+                f"{'dataset':11s} {'backbone':24s} {'images':>8s} {'train':>7s} {'extract h':>9s} {'methods h':>9s}"
+            )
             for r in self.rows:
-                lines.append(f"{r.dataset:11s} {r.model + '/' + r.pretrained:24s} {r.images:8d} {r.train:7d} "
-                             f"{r.extraction_h:9.2f} {r.methods_h:9.2f}")
+                lines.append(
+                    f"{r.dataset:11s} {r.model + '/' + r.pretrained:24s} {r.images:8d} {r.train:7d} "
+                    f"{r.extraction_h:9.2f} {r.methods_h:9.2f}"
+                )
         runs = sum(len(m) for m in NOTEBOOK_METHODS.values()) * self.seeds
         lines.append(f"notebooks 01-06 per dataset x backbone: {runs} method runs ({self.seeds} seeds)")
         unknown = sorted({r.model for r in self.rows if r.model not in ASSUMED_IMG_S})
@@ -104,8 +119,9 @@ def method_seconds(n_train: int, seeds: int = len(PAPER_SEEDS)) -> float:
     return per_seed * seeds * n_train / WATERBIRDS_TRAIN
 
 
-def paper_plan(data_dir: Path, backbones: tuple = PAPER_BACKBONES, check_files: bool = False,
-               seeds: int = len(PAPER_SEEDS)) -> Plan:
+def paper_plan(
+    data_dir: Path, backbones: tuple = PAPER_BACKBONES, check_files: bool = False, seeds: int = len(PAPER_SEEDS)
+) -> Plan:
     """Which datasets are present under ``data_dir`` and the estimated cost of the paper profile."""
     plan = Plan(seeds=seeds)
     for name in PAPER_DATASETS:
@@ -121,9 +137,17 @@ def paper_plan(data_dir: Path, backbones: tuple = PAPER_BACKBONES, check_files: 
         n_images = sum(len(t) for t in ds.splits.values())
         n_train = len(ds.splits["train"])
         for model, pretrained in backbones:
-            plan.rows.append(PlanRow(dataset=name, model=model, pretrained=pretrained, images=n_images, train=n_train,
-                                     extraction_h=n_images / _img_s(model) / 3600,
-                                     methods_h=method_seconds(n_train, seeds) / 3600))
+            plan.rows.append(
+                PlanRow(
+                    dataset=name,
+                    model=model,
+                    pretrained=pretrained,
+                    images=n_images,
+                    train=n_train,
+                    extraction_h=n_images / _img_s(model) / 3600,
+                    methods_h=method_seconds(n_train, seeds) / 3600,
+                )
+            )
     return plan
 
 
@@ -131,11 +155,18 @@ def full_size_plan(backbones: tuple = PAPER_BACKBONES, seeds: int = len(PAPER_SE
     """The plan with every paper dataset present at its published size (for the cost estimate)."""
     # (images, training images): Waterbirds and CelebA exact; MetaShift and CheXpert approximate (they depend
     # on the construction: CheXpert-small has 223,648 rows before the demographics join)
-    sizes = {"waterbirds": (11788, 4795), "celeba": (202599, 162770), "metashift": (3447, 2275),
-             "chexpert": (223648, 167700)}
+    sizes = {
+        "waterbirds": (11788, 4795),
+        "celeba": (202599, 162770),
+        "metashift": (3447, 2275),
+        "chexpert": (223648, 167700),
+    }
     plan = Plan(seeds=seeds)
     for name, (n, n_train) in sizes.items():
         for model, pretrained in backbones:
-            plan.rows.append(PlanRow(name, model, pretrained, n, n_train, n / _img_s(model) / 3600,
-                                     method_seconds(n_train, seeds) / 3600))
+            plan.rows.append(
+                PlanRow(
+                    name, model, pretrained, n, n_train, n / _img_s(model) / 3600, method_seconds(n_train, seeds) / 3600
+                )
+            )
     return plan

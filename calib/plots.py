@@ -1,4 +1,5 @@
 """Figures: one style, one saver (PDF + PNG, byte-identical across runs), and the shared plots."""
+
 from __future__ import annotations
 
 import logging
@@ -52,8 +53,9 @@ def example_grid(dataset, split: str = "train", per_group: int = 6, seed: int = 
     return fig
 
 
-def group_accuracy_bars(df: pd.DataFrame, group_names: list[str], methods: list[str] | None = None,
-                        split: str = "test", title: str = "") -> plt.Figure:
+def group_accuracy_bars(
+    df: pd.DataFrame, group_names: list[str], methods: list[str] | None = None, split: str = "test", title: str = ""
+) -> plt.Figure:
     """Per-group accuracy (mean ± std over seeds) of each method, from result rows.
 
     ``df`` is :func:`calib.results.load_results` output; it needs ``method`` and ``<split>.group_acc``.
@@ -91,8 +93,14 @@ def metric_bars(table: pd.DataFrame, label_col: str, metrics: dict[str, str], ti
     height = 0.8 / len(metrics)
     for k, (col, label) in enumerate(metrics.items()):
         ys = np.arange(n) + (k - (len(metrics) - 1) / 2) * height
-        ax.barh(ys, table[f"{col}_mean"].to_numpy() * 100, height, xerr=table.get(f"{col}_std", 0) * 100,
-                capsize=2, label=label)
+        ax.barh(
+            ys,
+            table[f"{col}_mean"].to_numpy() * 100,
+            height,
+            xerr=table.get(f"{col}_std", 0) * 100,
+            capsize=2,
+            label=label,
+        )
     ax.set_yticks(np.arange(n), table[label_col])
     ax.invert_yaxis()
     ax.set_xlabel("test accuracy (%)")
@@ -117,8 +125,9 @@ def cfr_dynamics(frame: pd.DataFrame, title: str = "") -> plt.Figure:
     use_style()
     variants = list(dict.fromkeys(frame["variant"]))
     panels = list(dict.fromkeys(frame["panel"]))
-    fig, axes = plt.subplots(len(variants), len(panels), figsize=(3.3 * len(panels), 2.1 * len(variants) + 0.6),
-                             squeeze=False, sharex=True)
+    fig, axes = plt.subplots(
+        len(variants), len(panels), figsize=(3.3 * len(panels), 2.1 * len(variants) + 0.6), squeeze=False, sharex=True
+    )
     for i, variant in enumerate(variants):
         for j, panel in enumerate(panels):
             ax = axes[i, j]
@@ -126,8 +135,9 @@ def cfr_dynamics(frame: pd.DataFrame, title: str = "") -> plt.Figure:
             if part.empty:
                 ax.axis("off")
                 continue
-            sns.lineplot(data=part, x="epoch", y="value", hue="series", ax=ax, errorbar=("sd", 1),
-                         legend=i == 0, linewidth=1.0)
+            sns.lineplot(
+                data=part, x="epoch", y="value", hue="series", ax=ax, errorbar=("sd", 1), legend=i == 0, linewidth=1.0
+            )
             if "accuracy" in panel or panel == "validation":
                 ax.set_ylim(-0.02, 1.02)
             ax.set_ylabel(variant if j == 0 else "", fontsize=8)

@@ -1,4 +1,5 @@
 """Prompt templates and class names for zero-shot heads."""
+
 from __future__ import annotations
 
 

@@ -5,6 +5,7 @@ against the targets fixed in docs/toy_realism.md: zero-shot accuracy, class and 
 decodability by a group-balanced linear probe (from ``z`` and ``h``), ``d_h / d``, CLIP+ERM's
 training error rate and the minority share of its errors, and the effective rank of ``h``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -81,7 +82,9 @@ def realism_report(data: FeatureSet, seed: int = 0) -> dict[str, float]:
     zs = run_method("zeroshot", data, seed).metrics["test"]
     out = {"zeroshot_avg_acc": 100 * zs["avg_acc"], "zeroshot_wga": 100 * zs["wga"]}
     for space in ("z", "h"):
-        out[f"class_decodability_{space}"], out[f"class_worst_group_{space}"] = probe_decodability(data, space, "y", seed)
+        out[f"class_decodability_{space}"], out[f"class_worst_group_{space}"] = probe_decodability(
+            data, space, "y", seed
+        )
         out[f"background_decodability_{space}"], _ = probe_decodability(data, space, "a", seed)
     out["background_minus_class_z"] = out["background_decodability_z"] - out["class_decodability_z"]
     out["d_h_over_d"] = data.W0.shape[0] / data.W0.shape[1]

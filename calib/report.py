@@ -1,4 +1,5 @@
 """Result tables (mean ± std over seeds, label-need marks) and the README's results block."""
+
 from __future__ import annotations
 
 import logging
@@ -14,8 +15,12 @@ from calib.results import load_results, summarize, to_latex, to_markdown
 log = logging.getLogger(__name__)
 
 TABLE_METRICS = ("test.avg_acc", "test.avg_acc_trainw", "test.wga")
-TABLE_HEADERS = {"test.avg_acc": "avg acc (plain)", "test.avg_acc_trainw": "avg acc (train-weighted)",
-                 "test.wga": "worst-group acc", "seeds": "seeds"}
+TABLE_HEADERS = {
+    "test.avg_acc": "avg acc (plain)",
+    "test.avg_acc_trainw": "avg acc (train-weighted)",
+    "test.wga": "worst-group acc",
+    "seeds": "seeds",
+}
 
 
 def with_row_labels(df: pd.DataFrame) -> pd.DataFrame:
@@ -23,8 +28,10 @@ def with_row_labels(df: pd.DataFrame) -> pd.DataFrame:
     from calib.methods import REGISTRY
 
     out = df.copy()
-    out["row"] = [REGISTRY[m].row_label(o if isinstance(o, dict) else {}) if m in REGISTRY else m
-                  for m, o in zip(df["method"], df["options"] if "options" in df else [{}] * len(df))]
+    out["row"] = [
+        REGISTRY[m].row_label(o if isinstance(o, dict) else {}) if m in REGISTRY else m
+        for m, o in zip(df["method"], df["options"] if "options" in df else [{}] * len(df))
+    ]
     return out
 
 
@@ -36,8 +43,9 @@ def results_table(df: pd.DataFrame, metrics: tuple[str, ...] = TABLE_METRICS) ->
     return table
 
 
-def render_table(table: pd.DataFrame, fmt: str = "markdown", caption: str = "",
-                 metrics: tuple[str, ...] = TABLE_METRICS) -> str:
+def render_table(
+    table: pd.DataFrame, fmt: str = "markdown", caption: str = "", metrics: tuple[str, ...] = TABLE_METRICS
+) -> str:
     """The table as ``markdown`` or ``latex``, with the label-needs legend."""
     cols = ["dataset", "model", "method", *metrics, "seeds"]
     heads = [TABLE_HEADERS.get(c, c) for c in cols]
@@ -48,8 +56,9 @@ def render_table(table: pd.DataFrame, fmt: str = "markdown", caption: str = "",
     raise ValueError(f"unknown table format {fmt!r}; use 'markdown' or 'latex'")
 
 
-def write_tables(table: pd.DataFrame, name: str, figures_dir: Path | None = None, caption: str = "",
-                 render=None) -> tuple[Path, Path]:
+def write_tables(
+    table: pd.DataFrame, name: str, figures_dir: Path | None = None, caption: str = "", render=None
+) -> tuple[Path, Path]:
     """Write ``<name>.md`` and ``<name>.tex`` next to the figures (``render``: :func:`render_table`
     by default, or :func:`render_main_table`)."""
     render = render or render_table
@@ -65,12 +74,25 @@ PROTOCOLS = (("val_wga", "paper protocol"), ("val_worst_class", "no group labels
 
 
 # the main table's row order (as in notebook 03): the baselines, then the GroupDRO oracle, then CFR
-TABLE_ORDER = ("zeroshot", "linear_probe", "clip_erm", "dfr", "jtt", "afr", "contrastive_adapter", "umfc", "groupdro",
-               "cfr")
+TABLE_ORDER = (
+    "zeroshot",
+    "linear_probe",
+    "clip_erm",
+    "dfr",
+    "jtt",
+    "afr",
+    "contrastive_adapter",
+    "umfc",
+    "groupdro",
+    "cfr",
+)
 
 
-def main_table(df: pd.DataFrame, metrics: tuple[str, ...] = ("test.avg_acc", "test.wga"),
-               methods: list[str] | tuple[str, ...] = TABLE_ORDER) -> pd.DataFrame:
+def main_table(
+    df: pd.DataFrame,
+    metrics: tuple[str, ...] = ("test.avg_acc", "test.wga"),
+    methods: list[str] | tuple[str, ...] = TABLE_ORDER,
+) -> pd.DataFrame:
     """One row per (dataset, model, method), the two selection protocols side by side.
 
     Rows follow datasets and models in order of appearance, then ``methods`` order (others last), whatever
@@ -84,7 +106,9 @@ def main_table(df: pd.DataFrame, metrics: tuple[str, ...] = ("test.avg_acc", "te
     from calib.methods import get_method_class
 
     records = []
-    for (ds, model, method, row), part in with_row_labels(df).groupby(["dataset", "model", "method", "row"], sort=False):
+    for (ds, model, method, row), part in with_row_labels(df).groupby(
+        ["dataset", "model", "method", "row"], sort=False
+    ):
         needs = get_method_class(method).label_needs
         rec = {"dataset": ds, "model": model, "method": f"{row}{LABEL_MARKS.get(needs, '')}"}
         selection = part["options"].map(lambda o: o.get("selection") if isinstance(o, dict) else None)
@@ -111,8 +135,10 @@ def main_table(df: pd.DataFrame, metrics: tuple[str, ...] = ("test.avg_acc", "te
 def render_main_table(table: pd.DataFrame, fmt: str = "markdown", caption: str = "") -> str:
     """The main table (both protocols) as markdown or LaTeX, with the legend."""
     cols = [c for c in table.columns if not c.endswith("_mean")]
-    legend = (LABEL_LEGEND + " Paper protocol: selection by validation worst-group accuracy (reads validation "
-              "group labels); no group labels: selection by validation worst-class accuracy.")
+    legend = (
+        LABEL_LEGEND + " Paper protocol: selection by validation worst-group accuracy (reads validation "
+        "group labels); no group labels: selection by validation worst-class accuracy."
+    )
     if fmt == "markdown":
         return to_markdown(table, cols) + f"\n{legend}\n"
     if fmt == "latex":
@@ -127,9 +153,11 @@ def render_dynamics(df: pd.DataFrame) -> str:
     parts = []
     for (ds, model), part in df.groupby(["dataset", "model"], sort=False):
         parts.append(f"**{ds} / {model}**\n\n{to_markdown(epoch_table(part))}")
-    return "\n".join(parts) + ("\nValidation WGA per epoch (percent, mean over seeds); the calibration set per group "
-                               "(landbird/land, landbird/water, waterbird/land, waterbird/water) is a diagnostic, "
-                               "never read by CFR.\n")
+    return "\n".join(parts) + (
+        "\nValidation WGA per epoch (percent, mean over seeds); the calibration set per group "
+        "(landbird/land, landbird/water, waterbird/land, waterbird/water) is a diagnostic, "
+        "never read by CFR.\n"
+    )
 
 
 README_BLOCKS = {  # marker name -> (experiment, table renderer, also the testbed's rows)
@@ -159,6 +187,7 @@ def update_readme(dataset: str = "toy", readme: Path | None = None) -> Path:
         if df.empty:
             continue
         block = render(df)
-        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{block}{end}", text, flags=re.S)
+        new = f"{start}\n{block}{end}"
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _, new=new: new, text, flags=re.S)
     readme.write_text(text)
     return readme

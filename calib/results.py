@@ -4,6 +4,7 @@ One row per (experiment, method, dataset, model, pretrained, seed, options), car
 resolved hyperparameters and provenance (git revision, package versions, device, time).  Rows are
 never edited: a re-run appends, and :func:`load_results` keeps the newest row per key.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -11,8 +12,9 @@ import json
 import logging
 import platform
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -33,8 +35,16 @@ def git_revision() -> str:
     if root is None:
         return "unknown"
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10)
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     if rev.returncode != 0:
@@ -49,8 +59,13 @@ def package_versions() -> dict[str, str]:
 
     import calib
 
-    out = {"calib": calib.__version__, "python": platform.python_version(), "numpy": np.__version__,
-           "torch": torch.__version__, "sklearn": sklearn.__version__}
+    out = {
+        "calib": calib.__version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "sklearn": sklearn.__version__,
+    }
     try:
         import open_clip
 
@@ -154,7 +169,9 @@ def flatten_row(row: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def load_results(paths_or_experiments: Iterable[str | Path] | str | Path, results_dir: Path | None = None) -> pd.DataFrame:
+def load_results(
+    paths_or_experiments: Iterable[str | Path] | str | Path, results_dir: Path | None = None
+) -> pd.DataFrame:
     """Rows of one or more experiments (names or JSONL paths) as a flat DataFrame.
 
     Columns: the key fields, ``label_needs``, ``options``, and ``<split>.<metric>`` for every scalar
@@ -230,7 +247,9 @@ def to_markdown(df: pd.DataFrame, columns: list[str] | None = None, headers: lis
 _LATEX_ESCAPES = {"&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "±": r"$\pm$"}
 
 
-def to_latex(df: pd.DataFrame, columns: list[str] | None = None, headers: list[str] | None = None, caption: str = "") -> str:
+def to_latex(
+    df: pd.DataFrame, columns: list[str] | None = None, headers: list[str] | None = None, caption: str = ""
+) -> str:
     """A booktabs LaTeX table of ``df[columns]`` (``±`` rendered as ``$\\pm$``)."""
     cols = columns or list(df.columns)
     heads = headers or cols
@@ -241,8 +260,14 @@ def to_latex(df: pd.DataFrame, columns: list[str] | None = None, headers: list[s
             s = s.replace(a, b)
         return s
 
-    lines = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{" + "l" * len(cols) + "}", r"\toprule",
-             " & ".join(esc(h) for h in heads) + r" \\", r"\midrule"]
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\begin{tabular}{" + "l" * len(cols) + "}",
+        r"\toprule",
+        " & ".join(esc(h) for h in heads) + r" \\",
+        r"\midrule",
+    ]
     for _, row in df[cols].iterrows():
         lines.append(" & ".join(esc(v) for v in row) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]

@@ -31,6 +31,7 @@ a balanced probe on ``u_core`` alone reaches Phi(2) = 97.7%), and zero-shot lean
 direction about as much as CLIP does on Waterbirds (``beta / alpha = 0.65``: worst-group accuracy
 Phi(-0.503) = 30.7% on paper).  Dimensions are the toy CLIP's (96 -> 64).
 """
+
 from __future__ import annotations
 
 import math
@@ -66,8 +67,11 @@ class TestbedConfig:
         """``"testbed"``, or e.g. ``"testbed-mu_core0.5"``, naming every field that differs from the default
         (usable as a file name)."""
         default = TestbedConfig()
-        return "testbed" + "".join(f"-{k}{v:g}" if isinstance(v, float) else f"-{k}{v}"
-                                   for k, v in asdict(self).items() if v != getattr(default, k))
+        return "testbed" + "".join(
+            f"-{k}{v:g}" if isinstance(v, float) else f"-{k}{v}"
+            for k, v in asdict(self).items()
+            if v != getattr(default, k)
+        )
 
 
 def group_accuracy_on_paper(cfg: TestbedConfig, w_core: float, w_spur: float) -> np.ndarray:
@@ -87,31 +91,51 @@ def make_testbed(cfg: TestbedConfig | None = None) -> FeatureSet:
     with ``directions = {"core": u_core, "spurious": u_spur}`` (``[d_h]`` each)."""
     cfg = cfg or TestbedConfig()
     if cfg.d < 2 + cfg.n_nuisance or cfg.d > cfg.d_h:
-        raise ValueError(f"testbed needs 2 + n_nuisance <= d <= d_h; got d={cfg.d}, d_h={cfg.d_h}, "
-                         f"n_nuisance={cfg.n_nuisance}")
+        raise ValueError(
+            f"testbed needs 2 + n_nuisance <= d <= d_h; got d={cfg.d}, d_h={cfg.d_h}, n_nuisance={cfg.n_nuisance}"
+        )
     rng = np.random.default_rng(cfg.seed)
     Q, _ = np.linalg.qr(rng.normal(size=(cfg.d_h, cfg.d_h)))
-    u_core, u_spur, nuis = Q[:, 0], Q[:, 1], Q[:, 2:2 + cfg.n_nuisance]
+    u_core, u_spur, nuis = Q[:, 0], Q[:, 1], Q[:, 2 : 2 + cfg.n_nuisance]
     R, _ = np.linalg.qr(rng.normal(size=(cfg.d, cfg.d)))
-    W0 = Q[:, :cfg.d] @ R  # an isometry of span(Q[:, :d]) onto R^d; the other d_h - d directions are dropped
+    W0 = Q[:, : cfg.d] @ R  # an isometry of span(Q[:, :d]) onto R^d; the other d_h - d directions are dropped
     splits = {}
     for split, sizes in WATERBIRDS_GROUP_SIZES.items():
         g = np.repeat(np.arange(4), [max(2, int(round(n * cfg.scale))) for n in sizes])
         y, a = g // 2, g % 2
-        h = (np.outer(cfg.mu_core * (2 * y - 1), u_core) + np.outer(cfg.mu_spur * (2 * a - 1), u_spur)
-             + cfg.sigma_nuisance * rng.normal(size=(len(g), cfg.n_nuisance)) @ nuis.T
-             + cfg.sigma * rng.normal(size=(len(g), cfg.d_h))).astype(np.float32)
-        splits[split] = SplitFeatures(z=h @ W0.astype(np.float32), y=y.astype(np.int64), g=g.astype(np.int64),
-                                      a=a.astype(np.int64), ids=np.arange(len(g)), h=h)
+        h = (
+            np.outer(cfg.mu_core * (2 * y - 1), u_core)
+            + np.outer(cfg.mu_spur * (2 * a - 1), u_spur)
+            + cfg.sigma_nuisance * rng.normal(size=(len(g), cfg.n_nuisance)) @ nuis.T
+            + cfg.sigma * rng.normal(size=(len(g), cfg.d_h))
+        ).astype(np.float32)
+        splits[split] = SplitFeatures(
+            z=h @ W0.astype(np.float32),
+            y=y.astype(np.int64),
+            g=g.astype(np.int64),
+            a=a.astype(np.int64),
+            ids=np.arange(len(g)),
+            h=h,
+        )
     lean = (cfg.alpha * u_core + cfg.beta * u_spur) @ W0
     text = np.stack([-lean, lean]) / np.linalg.norm(lean)
     return FeatureSet(
-        splits=splits, text=text.astype(np.float32), logit_scale=100.0, n_groups=4,
+        splits=splits,
+        text=text.astype(np.float32),
+        logit_scale=100.0,
+        n_groups=4,
         class_names=["landbird", "waterbird"],
         group_names=["landbird/land", "landbird/water", "waterbird/land", "waterbird/water"],
-        attr_names=["land", "water"], W0=W0.astype(np.float32), b0=np.zeros(cfg.d, np.float32),
-        meta={"dataset": cfg.name, "model": "testbed", "pretrained": "none",
-              "weights": f"testbed-{stable_hash(asdict(cfg), 10)}", "dataset_version": stable_hash(asdict(cfg), 10),
-              "device": "cpu"},
+        attr_names=["land", "water"],
+        W0=W0.astype(np.float32),
+        b0=np.zeros(cfg.d, np.float32),
+        meta={
+            "dataset": cfg.name,
+            "model": "testbed",
+            "pretrained": "none",
+            "weights": f"testbed-{stable_hash(asdict(cfg), 10)}",
+            "dataset_version": stable_hash(asdict(cfg), 10),
+            "device": "cpu",
+        },
         directions={"core": u_core, "spurious": u_spur},
     )

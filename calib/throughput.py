@@ -5,6 +5,7 @@ for the pre-projection pass calib caches, the FLOPs per image (counted by
 ``torch.utils.flop_counter``), the achieved TFLOP/s and, for GPUs whose dense bf16 peak is known,
 the fraction of that peak.  Random weights are fine: throughput does not depend on them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,8 +25,16 @@ from calib.models import LoadedClip, encode_pre_projection
 log = logging.getLogger(__name__)
 
 # dense bf16 peak TFLOP/s by device-name substring (vendor data sheets; SXM parts where both exist)
-BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0,
-                    "RTX 4090": 165.0, "RTX 3090": 71.0}
+BF16_PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10G": 70.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+}
 
 
 @dataclass
@@ -108,8 +117,13 @@ def write_jpegs(folder: Path, n: int, size: tuple[int, int] = (500, 375), seed: 
 def pipeline_bound(loaded: LoadedClip, files: list[Path], batch_size: int, num_workers: int, amp: bool) -> float:
     """Images/s from JPEG files: decode, preprocess, transfer (pinned memory on GPU) and the model."""
     dev = torch.device(loaded.device)
-    loader = DataLoader(ImageFiles(files, loaded.preprocess), batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=dev.type == "cuda", persistent_workers=num_workers > 0)
+    loader = DataLoader(
+        ImageFiles(files, loaded.preprocess),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=dev.type == "cuda",
+        persistent_workers=num_workers > 0,
+    )
     with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
         for i, (x, _) in enumerate(loader):  # warm-up pass over the first batches
             encode_pre_projection(loaded.model, x.to(dev, non_blocking=True))
@@ -124,8 +138,14 @@ def pipeline_bound(loaded: LoadedClip, files: list[Path], batch_size: int, num_w
     return n / (time.perf_counter() - t0)
 
 
-def measure(loaded: LoadedClip, batch_size: int = 64, n_files: int = 512, num_workers: int | None = None,
-            amp: bool | None = None, seconds: float = 10.0) -> Throughput:
+def measure(
+    loaded: LoadedClip,
+    batch_size: int = 64,
+    n_files: int = 512,
+    num_workers: int | None = None,
+    amp: bool | None = None,
+    seconds: float = 10.0,
+) -> Throughput:
     """Both throughputs of ``loaded`` on its device, and the FLOP accounting."""
     from calib.features import default_num_workers
 
@@ -136,15 +156,27 @@ def measure(loaded: LoadedClip, batch_size: int = 64, n_files: int = 512, num_wo
     mb = model_bound(loaded, batch_size, size, amp, seconds)
     with tempfile.TemporaryDirectory() as tmp:
         files = write_jpegs(Path(tmp), n_files)
-        pb = pipeline_bound(loaded, files, batch_size, default_num_workers() if num_workers is None else num_workers, amp)
+        pb = pipeline_bound(
+            loaded, files, batch_size, default_num_workers() if num_workers is None else num_workers, amp
+        )
     flops = flops_per_image(loaded, size)
     name = device_name(dev)
     peak = peak_bf16(name) if dev.startswith("cuda") else None
     achieved = mb * flops / 1e12
-    return Throughput(model=loaded.name, device=dev, device_name=name, batch_size=batch_size, image_size=size, amp=amp,
-                      model_bound_img_s=mb, pipeline_bound_img_s=pb, gflop_per_image=flops / 1e9,
-                      achieved_tflops=achieved, peak_bf16_tflops=peak,
-                      fraction_of_peak=achieved / peak if peak else None)
+    return Throughput(
+        model=loaded.name,
+        device=dev,
+        device_name=name,
+        batch_size=batch_size,
+        image_size=size,
+        amp=amp,
+        model_bound_img_s=mb,
+        pipeline_bound_img_s=pb,
+        gflop_per_image=flops / 1e9,
+        achieved_tflops=achieved,
+        peak_bf16_tflops=peak,
+        fraction_of_peak=achieved / peak if peak else None,
+    )
 
 
 def as_dict(t: Throughput) -> dict:

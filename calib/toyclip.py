@@ -15,6 +15,7 @@ These settings were fixed before any method was evaluated and are not tuned on m
 was changed since, by the realism review of docs/toy_realism.md (criteria written before measuring,
 no method result read): training length, 600 -> 800 steps.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,12 +32,35 @@ from calib import paths
 from calib.data.toy import render_scene
 from calib.utils import atomic_dir, stable_hash
 
+ASSETS = paths.PACKAGE_DIR / "assets"
+TOY_MODEL_NAME = "calib-toy-vit"
+
+
+def register_calib_models() -> None:
+    """Register calib's own architectures (the toy CLIP) with open_clip; idempotent."""
+    import open_clip
+
+    if TOY_MODEL_NAME not in open_clip.list_models():
+        open_clip.add_model_config(ASSETS / f"{TOY_MODEL_NAME}.json")
+
+
 log = logging.getLogger(__name__)
 
 BIRD_WORDS = ("landbird", "waterbird")
-PLACE_WORDS = {"forest": ("forest", "woods"), "field": ("field", "meadow"), "ocean": ("ocean", "sea"), "lake": ("lake", "pond")}
-BOTH = ("a photo of a {b} in the {p}.", "a {b} in the {p}.", "a {b} standing by the {p}.",
-        "a picture of a {b} near the {p}.", "a {b} and the {p} behind it.", "the {b} in front of a {p}.")
+PLACE_WORDS = {
+    "forest": ("forest", "woods"),
+    "field": ("field", "meadow"),
+    "ocean": ("ocean", "sea"),
+    "lake": ("lake", "pond"),
+}
+BOTH = (
+    "a photo of a {b} in the {p}.",
+    "a {b} in the {p}.",
+    "a {b} standing by the {p}.",
+    "a picture of a {b} near the {p}.",
+    "a {b} and the {p} behind it.",
+    "the {b} in front of a {p}.",
+)
 BIRD_ONLY = ("a photo of a {b}.", "a {b}.", "a picture of the {b}.", "a close-up photo of a {b}.", "this is a {b}.")
 PLACE_ONLY = ("a photo of the {p}.", "a {p}.", "a picture of a {p}.", "a view of the {p}.")
 
@@ -95,8 +119,6 @@ def make_corpus(cfg: ToyClipConfig) -> tuple[np.ndarray, list[str], np.ndarray]:
 
 def checkpoint_dir(cfg: ToyClipConfig = ToyClipConfig(), cache_dir: Path | None = None) -> Path:
     """Folder of the toy CLIP trained with ``cfg`` (its name hashes the config)."""
-    from calib.models import TOY_MODEL_NAME
-
     return Path(cache_dir or paths.cache_dir()) / "models" / f"{TOY_MODEL_NAME}-{stable_hash(asdict(cfg), 12)}"
 
 
@@ -115,8 +137,6 @@ def train_toy_clip(cfg: ToyClipConfig, out_dir: Path) -> dict:
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from calib.models import ASSETS, TOY_MODEL_NAME, register_calib_models
-
     register_calib_models()
     t0 = time.time()
     images, captions, _ = make_corpus(cfg)
@@ -124,7 +144,10 @@ def train_toy_clip(cfg: ToyClipConfig, out_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)
     model = open_clip.create_model(TOY_MODEL_NAME, pretrained=None, device="cpu")
     tokenizer = open_clip.get_tokenizer(TOY_MODEL_NAME)
-    mean, std = model.visual.image_mean or open_clip.OPENAI_DATASET_MEAN, model.visual.image_std or open_clip.OPENAI_DATASET_STD
+    mean, std = (
+        model.visual.image_mean or open_clip.OPENAI_DATASET_MEAN,
+        model.visual.image_std or open_clip.OPENAI_DATASET_STD,
+    )
     x_all = _to_tensor(images, mean, std)
     t_all = tokenizer(captions)
     loss_fn = ClipLoss()
@@ -163,11 +186,22 @@ def train_toy_clip(cfg: ToyClipConfig, out_dir: Path) -> dict:
     model_cfg = json.loads((ASSETS / f"{TOY_MODEL_NAME}.json").read_text())
     config = {"model_cfg": model_cfg, "preprocess_cfg": {"mean": list(mean), "std": list(std)}}
     (out_dir / "open_clip_config.json").write_text(json.dumps(config, indent=2))
-    info = {"config": asdict(cfg), "corpus_seconds": t_corpus, "seconds": time.time() - t0,
-            "loss_first": losses[0], "loss_last": float(np.mean(losses[-20:])), "losses": losses[::10]}
+    info = {
+        "config": asdict(cfg),
+        "corpus_seconds": t_corpus,
+        "seconds": time.time() - t0,
+        "loss_first": losses[0],
+        "loss_last": float(np.mean(losses[-20:])),
+        "losses": losses[::10],
+    }
     (out_dir / "train_log.json").write_text(json.dumps(info, indent=2))
-    log.info("toy CLIP trained in %.0f s (corpus %.0f s); loss %.3f -> %.3f", info["seconds"], t_corpus,
-             info["loss_first"], info["loss_last"])
+    log.info(
+        "toy CLIP trained in %.0f s (corpus %.0f s); loss %.3f -> %.3f",
+        info["seconds"],
+        t_corpus,
+        info["loss_first"],
+        info["loss_last"],
+    )
     return info
 
 

@@ -1,4 +1,5 @@
 """Small shared helpers: seeding, device choice, hashing, atomic writes, logging set-up."""
+
 from __future__ import annotations
 
 import hashlib
@@ -8,9 +9,10 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 

@@ -14,7 +14,7 @@ calib_bootstrap() {
   local root="$1"
   if [ "${CALIB_USE_CURRENT_ENV:-0}" = "1" ]; then
     PY="${PYTHON:-python3}"
-    if ! "$PY" -c "import calib, open_clip, papermill, pytest" >/dev/null 2>&1; then
+    if ! "$PY" -c "import calib, open_clip, papermill, pytest, ruff" >/dev/null 2>&1; then
       echo "[calib] installing calib into the current environment ($PY)"
       _calib_pip "$PY" -m pip install -q -e "$root[dev]"
     fi

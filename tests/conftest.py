@@ -1,4 +1,5 @@
 """Test set-up: CUDA hidden, Hugging Face offline, every calib path in a temporary folder."""
+
 from __future__ import annotations
 
 import os

@@ -3,6 +3,7 @@
 Each writer produces what the real download or release holds (file names, CSV quirks, folder nesting), so
 the loaders are tested against the format, not against calib's own idea of it.
 """
+
 from pathlib import Path
 
 import numpy as np
@@ -33,14 +34,23 @@ ROWS = [
 ]
 
 
-CELEBA_ATTRS = ("5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair "
-                "Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee Gray_Hair "
-                "Heavy_Makeup High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard Oval_Face "
-                "Pale_Skin Pointy_Nose Receding_Hairline Rosy_Cheeks Sideburns Smiling Straight_Hair Wavy_Hair "
-                "Wearing_Earrings Wearing_Hat Wearing_Lipstick Wearing_Necklace Wearing_Necktie Young").split()
+CELEBA_ATTRS = (
+    "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair "
+    "Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee Gray_Hair "
+    "Heavy_Makeup High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard Oval_Face "
+    "Pale_Skin Pointy_Nose Receding_Hairline Rosy_Cheeks Sideburns Smiling Straight_Hair Wavy_Hair "
+    "Wearing_Earrings Wearing_Hat Wearing_Lipstick Wearing_Necklace Wearing_Necktie Young"
+).split()
 # (file, Blond_Hair, Male, partition)
-CELEBA_ROWS = [("000001.jpg", -1, -1, 0), ("000002.jpg", -1, 1, 0), ("000003.jpg", 1, -1, 0), ("000004.jpg", 1, 1, 0),
-               ("000005.jpg", 1, -1, 1), ("000006.jpg", -1, 1, 2), ("000007.jpg", 1, 1, 2)]
+CELEBA_ROWS = [
+    ("000001.jpg", -1, -1, 0),
+    ("000002.jpg", -1, 1, 0),
+    ("000003.jpg", 1, -1, 0),
+    ("000004.jpg", 1, 1, 0),
+    ("000005.jpg", 1, -1, 1),
+    ("000006.jpg", -1, 1, 2),
+    ("000007.jpg", 1, 1, 2),
+]
 
 
 def _img(path, value=100):
@@ -75,24 +85,29 @@ def celeba_kaggle(root):
         lines.append(f + "," + ",".join(str(v) for v in _attr_values(b, m)))
         _img(root / "img_align_celeba" / "img_align_celeba" / f)  # Kaggle's doubled folder
     (root / "list_attr_celeba.csv").write_text("\n".join(lines) + "\n")
-    (root / "list_eval_partition.csv").write_text("image_id,partition\n" + "".join(f"{f},{p}\n" for f, _, _, p in CELEBA_ROWS))
+    (root / "list_eval_partition.csv").write_text(
+        "image_id,partition\n" + "".join(f"{f},{p}\n" for f, _, _, p in CELEBA_ROWS)
+    )
     return root
 
 
 def metashift(root, n=10, image=None):
     """The CFR release's MetaShift-Cat-Dog-indoor-outdoor folders, ``n`` images each;
     ``image(path, folder_index, i)`` draws each image (default: grey level ``10 k + i``)."""
-    for k, folder in enumerate(["train/cat/cat(indoor)", "train/dog/dog(outdoor)", "test/cat/cat(outdoor)",
-                                "test/dog/dog(indoor)"]):
+    for k, folder in enumerate(
+        ["train/cat/cat(indoor)", "train/dog/dog(outdoor)", "test/cat/cat(outdoor)", "test/dog/dog(indoor)"]
+    ):
         for i in range(n):
             path = root / folder / f"{k}_{i:03d}.jpg"
             image(path, k, i) if image else _img(path, 10 * k + i)
     return root
 
 
-CHEX_HEADER = ("Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Enlarged Cardiomediastinum,Cardiomegaly,Lung Opacity,"
-               "Lung Lesion,Edema,Consolidation,Pneumonia,Atelectasis,Pneumothorax,Pleural Effusion,Pleural Other,"
-               "Fracture,Support Devices")
+CHEX_HEADER = (
+    "Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Enlarged Cardiomediastinum,Cardiomegaly,Lung Opacity,"
+    "Lung Lesion,Edema,Consolidation,Pneumonia,Atelectasis,Pneumothorax,Pleural Effusion,Pleural Other,"
+    "Fracture,Support Devices"
+)
 RACES = ["White", "White, non-Hispanic", "Black or African American", "Asian", "Black, non-Hispanic", "Other"]
 
 
@@ -127,7 +142,7 @@ def _scene(path, label: int, attr: int, i: int):
     rng = np.random.default_rng(i)
     img = np.zeros((16, 16, 3), np.uint8)
     img[..., label % 3] = 150 + 40 * label
-    img[::2 if attr else 4, :, (attr + 1) % 3] = 220
+    img[:: 2 if attr else 4, :, (attr + 1) % 3] = 220
     img = np.clip(img.astype(int) + rng.integers(-20, 21, img.shape), 0, 255).astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(img).save(path)
@@ -138,7 +153,10 @@ def write_paper_data_dir(root, per_group: int = 6):
     (class, attribute) group and split (CheXpert: 12 * ``per_group`` per split, some sex x race groups sparse
     or empty, as in the real data).  Returns ``root``."""
     root = Path(root)
-    species = {1: "001.Black_footed_Albatross/Black_Footed_Albatross", 0: "010.Red_winged_Blackbird/Red_Winged_Blackbird"}
+    species = {
+        1: "001.Black_footed_Albatross/Black_Footed_Albatross",
+        0: "010.Red_winged_Blackbird/Red_Winged_Blackbird",
+    }
     rows, i = [], 0
     for split in (0, 1, 2):
         for y in (0, 1):

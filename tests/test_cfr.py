@@ -1,4 +1,5 @@
 """CFR: each component against its definition, and the released behaviours."""
+
 import dataclasses
 
 import numpy as np
@@ -10,8 +11,8 @@ from calib.bench import synthetic_features
 from calib.methods import run_method
 from calib.methods.cfr import CFROptions, calibration_set, loss_weight, reference_erm
 from calib.methods.heads import normalize
-from calib.methods.projection import ProjectionHead
 from calib.methods.losses import TSCLoss, info_nce, simplex_targets, supcon_loss
+from calib.methods.projection import ProjectionHead
 
 FAST = {"epochs": 3, "reference_epochs": 3}
 
@@ -151,8 +152,11 @@ def test_tsc_matches_a_dense_reference():
     tp = F.one_hot(target[y], 2).float()
     den = 1 + cp.sum(1) + tp.sum(1)
     # the release's class mask (TSC.py: mask_pos_view_class) has a 1 in the self column as well
-    ref = (-(((cp * lp[:, 1:65]).sum(1) + lp[:, 0]) / den).mean() + 0.2 * -((tp * lp[:, 65:]).sum(1) / den).mean()
-           - lp[:, 0].mean())
+    ref = (
+        -(((cp * lp[:, 1:65]).sum(1) + lp[:, 0]) / den).mean()
+        + 0.2 * -((tp * lp[:, 65:]).sum(1) / den).mean()
+        - lp[:, 0].mean()
+    )
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     g1 = torch.autograd.grad(loss, q, retain_graph=True)[0]
     g2 = torch.autograd.grad(ref, q)[0]
@@ -202,7 +206,9 @@ def test_infonce_anchor_is_the_dropped_out_feature(synth, monkeypatch):
 def test_pre_projection_negatives_are_nearest_in_h(synth):
     """negative_space="pre_projection": hard negatives ranked by cosine in the frozen h (where the release
     computes them), not in the reference embedding."""
-    run = run_method("cfr", synth, seed=0, options={**FAST, "reference": "zeroshot", "negative_space": "pre_projection"})
+    run = run_method(
+        "cfr", synth, seed=0, options={**FAST, "reference": "zeroshot", "negative_space": "pre_projection"}
+    )
     tr = synth.splits["train"]
     hn = normalize(tr.h)
     inst = run.instance

@@ -1,4 +1,5 @@
 """The Colab branch: install without touching torch, Drive for data and caches, a warning without a GPU."""
+
 import importlib.metadata as md
 import importlib.util
 import subprocess
@@ -25,7 +26,9 @@ def test_bootstrap_installs_calib_and_pins_torch(nb, monkeypatch):
     assert len(calls) == 1
     cmd = calls[0]
     assert cmd[:4] == [sys.executable, "-m", "pip", "install"]
-    assert "calib @ git+https://github.com/calib-org/calib" in cmd
+    from calib.colab import repository
+
+    assert f"calib @ git+https://github.com/{repository()}" in cmd
     assert not any(arg.split("==")[0] in ("torch", "torchvision") for arg in cmd)  # never asks for torch itself
     pins = Path(cmd[cmd.index("-c") + 1]).read_text().split()
     assert f"torch=={md.version('torch')}" in pins  # the installed torch is pinned: pip cannot replace it
@@ -75,3 +78,43 @@ def test_outside_colab_drive_is_ignored(monkeypatch):
     before = dict(**__import__("os").environ)
     assert nbm.setup(colab_drive=True) == "cpu"
     assert __import__("os").environ.get("CALIB_HOME") == before.get("CALIB_HOME")
+
+
+def test_badges_and_bootstrap_cells_agree_with_the_one_setting():
+    from calib.colab import BADGE_URL, bootstrap_source, repository
+
+    repo = repository()
+    assert repo == "calib-org/calib" or "/" in repo
+    for nb in NOTEBOOKS:
+        book = nbformat.read(nb, as_version=4)
+        assert [c.source for c in book.cells if "Bootstrap" in c.source] == [bootstrap_source(repo)]
+    for path in [*NOTEBOOKS, REPO / "README.md"]:
+        urls = BADGE_URL.finditer(path.read_text())
+        assert all(f"/github/{repo}/blob/main/" in m.group(0) for m in urls), path
+
+
+def test_report_notebooks_follows_pyproject(tmp_path):
+    """A fork edits [project.urls] Repository and reruns the report step: every badge and cell follows."""
+    import shutil
+
+    from calib.cli import main
+    from calib.colab import repository, sync_notebooks
+
+    shutil.copytree(REPO / "notebooks", tmp_path / "notebooks", ignore=shutil.ignore_patterns("executed"))
+    shutil.copy(REPO / "README.md", tmp_path / "README.md")
+    text = (REPO / "pyproject.toml").read_text().replace(f"github.com/{repository()}", "github.com/someone/fork")
+    (tmp_path / "pyproject.toml").write_text(text)
+    assert repository(tmp_path / "pyproject.toml") == "someone/fork"
+    changed = sync_notebooks(root=tmp_path)
+    assert len(changed) == len(NOTEBOOKS) + 1  # every notebook and the README
+    for path in [*(tmp_path / "notebooks").glob("*.ipynb"), tmp_path / "README.md"]:
+        assert "calib-org" not in path.read_text() and "someone/fork" in path.read_text()
+    assert sync_notebooks(root=tmp_path) == []  # idempotent
+    sync_notebooks(repository(), root=tmp_path)  # and back, byte for byte
+    for nb in NOTEBOOKS:
+        assert (tmp_path / "notebooks" / nb.name).read_text() == nb.read_text()
+    assert (tmp_path / "README.md").read_text() == (REPO / "README.md").read_text()
+    (tmp_path / "pyproject.toml").write_text(text.replace("https://github.com/someone/fork", "https://gitlab.com/x/y"))
+    with pytest.raises(ValueError, match="not https://github.com"):
+        repository(tmp_path / "pyproject.toml")
+    assert main(["report", "notebooks"]) == 0  # the checkout already agrees: rewrites nothing

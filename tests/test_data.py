@@ -1,4 +1,5 @@
 """The toy generator and the Waterbirds reader, against the exact on-disk format."""
+
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from calib.data import DatasetLayoutError, ToyConfig, load_waterbirds, make_toy_
 from calib.data import toy as toy_mod
 from calib.data.toy import WATERBIRDS_GROUP_SIZES, render_scene
 from tests.fixtures import HEADER, ROWS, write_waterbirds_fixture
+
 
 def test_waterbirds_reader_on_fixture(tmp_path):
     ds = load_waterbirds(write_waterbirds_fixture(tmp_path / "wb", ROWS))
@@ -28,12 +30,19 @@ def test_waterbirds_reader_on_fixture(tmp_path):
     "mutate, message",
     [
         (lambda root: (root / "metadata.csv").unlink(), "metadata.csv is missing"),
-        (lambda root: (root / "metadata.csv").write_text("img_id,img_filename,y,split\n1,a.jpg,0,0\n"),
-         "lacks column"),
-        (lambda root: (root / "metadata.csv").write_text(
-            (root / "metadata.csv").read_text().replace(",1,0,1,", ",1,0,7,", 1)), "'place' has value"),
-        (lambda root: (root / "metadata.csv").write_text(
-            (root / "metadata.csv").read_text().replace(",0,2,0,", ",0,3,0,", 1)), "'split' has value"),
+        (lambda root: (root / "metadata.csv").write_text("img_id,img_filename,y,split\n1,a.jpg,0,0\n"), "lacks column"),
+        (
+            lambda root: (root / "metadata.csv").write_text(
+                (root / "metadata.csv").read_text().replace(",1,0,1,", ",1,0,7,", 1)
+            ),
+            "'place' has value",
+        ),
+        (
+            lambda root: (root / "metadata.csv").write_text(
+                (root / "metadata.csv").read_text().replace(",0,2,0,", ",0,3,0,", 1)
+            ),
+            "'split' has value",
+        ),
         (lambda root: next(root.glob("011.*/*.jpg")).unlink(), "absent"),
     ],
 )
@@ -62,9 +71,16 @@ def test_render_is_deterministic_and_varied():
 
 def test_backgrounds_differ_in_colour():
     """Water scenes are bluer than land scenes on average: the spurious feature is visible."""
-    blue = {p: np.mean([render_scene(np.random.default_rng([1, i]), 0, p)[0][..., 2].mean()
-                        - render_scene(np.random.default_rng([1, i]), 0, p)[0][..., 1].mean() for i in range(20)])
-            for p in (0, 1)}
+    blue = {
+        p: np.mean(
+            [
+                render_scene(np.random.default_rng([1, i]), 0, p)[0][..., 2].mean()
+                - render_scene(np.random.default_rng([1, i]), 0, p)[0][..., 1].mean()
+                for i in range(20)
+            ]
+        )
+        for p in (0, 1)
+    }
     assert blue[1] > blue[0] + 20
 
 

@@ -1,4 +1,5 @@
 """DFR: the published protocol against constructed cases with known answers."""
+
 import numpy as np
 import pytest
 from sklearn.preprocessing import StandardScaler
@@ -21,12 +22,14 @@ def _problem(n_per_group=(200, 20, 20, 200), seed=0, core=1.5):
 
 def _features(seed=0) -> FeatureSet:
     splits = {}
-    for i, (split, sizes) in enumerate({"train": (300, 15, 15, 300), "val": (60, 60, 20, 20),
-                                        "test": (100, 100, 100, 100)}.items()):
+    for i, (split, sizes) in enumerate(
+        {"train": (300, 15, 15, 300), "val": (60, 60, 20, 20), "test": (100, 100, 100, 100)}.items()
+    ):
         x, y, g = _problem(sizes, seed=seed + i)
         splits[split] = SplitFeatures(z=x, y=y, g=g)
-    return FeatureSet(splits=splits, text=None, logit_scale=1.0, n_groups=4, class_names=["a", "b"],
-                      group_names=["0", "1", "2", "3"])
+    return FeatureSet(
+        splits=splits, text=None, logit_scale=1.0, n_groups=4, class_names=["a", "b"], group_names=["0", "1", "2", "3"]
+    )
 
 
 def test_balanced_subsample_sizes():
@@ -104,8 +107,14 @@ def test_three_classes_fit_one_vs_rest_like_the_published_liblinear():
         a = r.integers(0, 2, len(yy))
         z = (r.normal(size=(len(yy), 4)) + 2.0 * np.eye(3, 4)[yy]).astype(np.float32)
         splits[split] = SplitFeatures(z=z, y=yy, g=2 * yy + a)
-    data = FeatureSet(splits=splits, text=None, logit_scale=1.0, n_groups=6, class_names=["a", "b", "c"],
-                      group_names=[str(k) for k in range(6)])
+    data = FeatureSet(
+        splits=splits,
+        text=None,
+        logit_scale=1.0,
+        n_groups=6,
+        class_names=["a", "b", "c"],
+        group_names=[str(k) for k in range(6)],
+    )
     run = run_method("dfr", data, seed=0)
     assert run.metrics["test"]["avg_acc"] > 0.8
 

@@ -1,4 +1,5 @@
 """Feature extraction under torchrun (2 CPU processes, gloo) writes the same cache as one process."""
+
 import os
 import subprocess
 import sys
@@ -9,11 +10,31 @@ from calib import paths
 
 
 def _extract(env, nproc):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-                "29531", "-m"] if nproc > 1 else [sys.executable, "-m"]
-    cmd = launcher + ["calib", "extract", "--dataset", "toy-quick", "--model", "calib-toy-vit", "--pretrained",
-                      "toy-quick", "--split", "val", "--split", "test", "--batch-size", "16", "--num-workers", "0",
-                      "--device", "cpu"]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29531", "-m"]
+        if nproc > 1
+        else [sys.executable, "-m"]
+    )
+    cmd = launcher + [
+        "calib",
+        "extract",
+        "--dataset",
+        "toy-quick",
+        "--model",
+        "calib-toy-vit",
+        "--pretrained",
+        "toy-quick",
+        "--split",
+        "val",
+        "--split",
+        "test",
+        "--batch-size",
+        "16",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r.stdout

@@ -1,4 +1,5 @@
 """data download: resumable, checksum-verified, atomic, tested against a local file source."""
+
 import hashlib
 import subprocess
 import sys
@@ -66,6 +67,10 @@ def test_corrupt_archive_and_bad_layout_leave_nothing(tmp_path):
 def test_registration_datasets_say_what_to_do(tmp_path):
     with pytest.raises(DatasetLayoutError, match="registration"):
         download("chexpert", tmp_path / "c")
-    r = subprocess.run([sys.executable, "-m", "calib", "data", "download", "--dataset", "chexpert", "--root",
-                        str(tmp_path / "c")], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "calib", "data", "download", "--dataset", "chexpert", "--root", str(tmp_path / "c")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "stanfordaimi" in r.stderr

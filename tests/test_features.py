@@ -1,4 +1,5 @@
 """Feature extraction and the cache: reuse, keys, atomicity, bad images."""
+
 import numpy as np
 import pytest
 

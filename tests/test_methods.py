@@ -1,4 +1,5 @@
 """Methods through the registry: zero-shot by hand, linear probe, CLIP+ERM behaviour."""
+
 import dataclasses
 
 import numpy as np
@@ -34,6 +35,7 @@ def test_zero_shot_by_hand():
 def _synthetic(n=400, seed=0) -> FeatureSet:
     """2 classes, 4 groups; h = class signal + spurious signal + noise, identity projection."""
     rng = np.random.default_rng(seed)
+
     def split(n, corr):
         y = rng.integers(0, 2, n)
         a = np.where(rng.random(n) < corr, y, 1 - y)
@@ -42,11 +44,19 @@ def _synthetic(n=400, seed=0) -> FeatureSet:
         h[:, 1] = (2 * a - 1) * 2.0 + rng.normal(0, 0.3, n)
         h[:, 2:] = rng.normal(0, 1, (n, 2))
         return SplitFeatures(z=h[:, :3].copy(), y=y, g=2 * y + a, a=a, ids=np.arange(n), h=h)
+
     W0 = np.eye(4, 3, dtype=np.float32)
     text = normalize(np.array([[-1.0, -1.0, 0.0], [1.0, 1.0, 0.0]], np.float32))  # leans on the spurious axis
-    return FeatureSet(splits={"train": split(n, 0.95), "val": split(n // 2, 0.5), "test": split(n, 0.5)},
-                      text=text, logit_scale=10.0, n_groups=4, class_names=["c0", "c1"],
-                      group_names=["0/0", "0/1", "1/0", "1/1"], W0=W0, b0=np.zeros(3, np.float32))
+    return FeatureSet(
+        splits={"train": split(n, 0.95), "val": split(n // 2, 0.5), "test": split(n, 0.5)},
+        text=text,
+        logit_scale=10.0,
+        n_groups=4,
+        class_names=["c0", "c1"],
+        group_names=["0/0", "0/1", "1/0", "1/1"],
+        W0=W0,
+        b0=np.zeros(3, np.float32),
+    )
 
 
 def test_every_method_runs_and_is_deterministic():
@@ -107,8 +117,14 @@ def _umfc_case() -> FeatureSet:
     e = np.eye(3, dtype=np.float32)
     z = np.stack([e[0], e[0], e[1], e[2]])
     split = SplitFeatures(z=z, y=np.array([0, 0, 1, 1]), g=np.array([0, 0, 1, 1]))
-    return FeatureSet(splits={"train": split, "val": split, "test": split}, text=e[:2].copy(), logit_scale=10.0,
-                      n_groups=2, class_names=["a", "b"], group_names=["a", "b"])
+    return FeatureSet(
+        splits={"train": split, "val": split, "test": split},
+        text=e[:2].copy(),
+        logit_scale=10.0,
+        n_groups=2,
+        class_names=["a", "b"],
+        group_names=["a", "b"],
+    )
 
 
 def test_umfc_matches_a_hand_computed_case():
@@ -124,8 +140,11 @@ def test_umfc_matches_a_hand_computed_case():
     # t' = normalize(t - 0.3 d): (.75505, .12247, .12247)/.77466 and (-.24495, 1.12247, .12247)/1.15540
     np.testing.assert_allclose(m.text, [[0.97469, 0.15810, 0.15810], [-0.21200, 0.97150, 0.10600]], atol=1e-4)
     # e3's cluster has zero mean zero-shot logits, so its calibrated logits are s * t'[:, 2]
-    np.testing.assert_allclose(m.logits(SplitFeatures(z=np.eye(3, dtype=np.float32)[2:], y=np.array([1]),
-                                                      g=np.array([1]))), [[1.5810, 1.0600]], atol=1e-3)
+    np.testing.assert_allclose(
+        m.logits(SplitFeatures(z=np.eye(3, dtype=np.float32)[2:], y=np.array([1]), g=np.array([1]))),
+        [[1.5810, 1.0600]],
+        atol=1e-3,
+    )
     # an image at e1 loses alpha x its cluster's mean logits (10, 0)
     e1 = m.logits(SplitFeatures(z=np.eye(3, dtype=np.float32)[:1], y=np.array([0]), g=np.array([0])))
     np.testing.assert_allclose(e1, [[10 * 0.97469 - 9.0, 10 * -0.21200]], atol=1e-3)

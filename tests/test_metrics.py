@@ -1,8 +1,16 @@
 """Metrics against hand-computed values."""
+
 import numpy as np
 import pytest
 
-from calib.metrics import evaluate, format_mean_std, group_accuracy, mean_std, worst_class_accuracy, worst_group_accuracy
+from calib.metrics import (
+    evaluate,
+    format_mean_std,
+    group_accuracy,
+    mean_std,
+    worst_class_accuracy,
+    worst_group_accuracy,
+)
 
 # 10 samples, 4 groups (g = 2y + a), hand-checked below
 Y = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])

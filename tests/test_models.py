@@ -1,4 +1,5 @@
 """Loading open_clip models: real architectures with random weights, checkpoints, offline errors."""
+
 import json
 import time
 

@@ -1,4 +1,5 @@
 """Every notebook runs under papermill in a fast test mode; committed notebooks are clean."""
+
 import json
 import re
 from pathlib import Path
@@ -17,24 +18,50 @@ EXPECT = {
     "00_quickstart": (QUICK, ["quickstart"], "quickstart"),
     "01_spurious_correlation": (QUICK, ["spurious_correlation"], "spurious_correlation"),
     "02_last_layer_retraining": (QUICK, ["last_layer_retraining"], "last_layer_retraining"),
-    "03_main_results": ({"datasets": ["toy-quick"], "backbones": [["calib-toy-vit", "toy-quick"]], "seeds": [0, 1],
-                         "epochs": 2}, ["main_results"], "main_results"),
-    "04_ablations": ({**QUICK, "seeds": [0], "ablations": ["CFR (default)", "regulariser: none",
-                                                           "released behaviour (faithful_release)"]},
-                     ["ablations"], "ablations"),
-    "05_feature_geometry": ({k: v for k, v in QUICK.items() if k != "seeds"}, ["feature_geometry", "calibration_set"],
-                            None),
-    "06_cfr_dynamics": ({**QUICK, "seeds": [0], "variants": ["CFR (default)", "regulariser: none"],
-                         "testbed_core": [0.5], "testbed_scale": 0.1, "testbed_variants": ["CFR (default)"]},
-                        ["cfr_dynamics"], "cfr_dynamics"),
+    "03_main_results": (
+        {"datasets": ["toy-quick"], "backbones": [["calib-toy-vit", "toy-quick"]], "seeds": [0, 1], "epochs": 2},
+        ["main_results"],
+        "main_results",
+    ),
+    "04_ablations": (
+        {
+            **QUICK,
+            "seeds": [0],
+            "ablations": ["CFR (default)", "regulariser: none", "released behaviour (faithful_release)"],
+        },
+        ["ablations"],
+        "ablations",
+    ),
+    "05_feature_geometry": (
+        {k: v for k, v in QUICK.items() if k != "seeds"},
+        ["feature_geometry", "calibration_set"],
+        None,
+    ),
+    "06_cfr_dynamics": (
+        {
+            **QUICK,
+            "seeds": [0],
+            "variants": ["CFR (default)", "regulariser: none"],
+            "testbed_core": [0.5],
+            "testbed_scale": 0.1,
+            "testbed_variants": ["CFR (default)"],
+        },
+        ["cfr_dynamics"],
+        "cfr_dynamics",
+    ),
 }
 
 
 def test_there_are_notebooks():
-    assert [p.name for p in NOTEBOOKS] == ["00_quickstart.ipynb", "01_spurious_correlation.ipynb",
-                                           "02_last_layer_retraining.ipynb", "03_main_results.ipynb",
-                                           "04_ablations.ipynb", "05_feature_geometry.ipynb",
-                                           "06_cfr_dynamics.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == [
+        "00_quickstart.ipynb",
+        "01_spurious_correlation.ipynb",
+        "02_last_layer_retraining.ipynb",
+        "03_main_results.ipynb",
+        "04_ablations.ipynb",
+        "05_feature_geometry.ipynb",
+        "06_cfr_dynamics.ipynb",
+    ]
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
@@ -53,12 +80,17 @@ def test_notebook_is_clean_and_parameterised(nb):
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
 def test_colab_badge_points_at_this_notebook(nb):
-    from calib.notebook import GITHUB_REPO
+    from calib.colab import repository
+
+    github_repo = repository()
 
     text = nb.read_text()
-    badges = re.findall(r"colab\.research\.google\.com/github/([^/]+/[^/]+)/blob/main/(notebooks/[^)\s\"]+\.ipynb)", text)
-    assert badges and all(repo == GITHUB_REPO and (REPO / path).is_file() and path.endswith(nb.name)
-                          for repo, path in badges)
+    badges = re.findall(
+        r"colab\.research\.google\.com/github/([^/]+/[^/]+)/blob/main/(notebooks/[^)\s\"]+\.ipynb)", text
+    )
+    assert badges and all(
+        repo == github_repo and (REPO / path).is_file() and path.endswith(nb.name) for repo, path in badges
+    )
 
 
 def test_every_notebook_has_expectations():
@@ -70,8 +102,9 @@ def test_notebook_executes(nb, tmp_path, toy_features):
     params, stems, results = EXPECT[nb.stem]
     out = tmp_path / nb.name
     # a different working directory: paths must not depend on it
-    pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name="python3", cwd=str(tmp_path),
-                        progress_bar=False)
+    pm.execute_notebook(
+        str(nb), str(out), parameters=params, kernel_name="python3", cwd=str(tmp_path), progress_bar=False
+    )
     executed = nbformat.read(out, as_version=4)
     errors = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors

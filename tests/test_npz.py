@@ -1,4 +1,5 @@
 """Bring-your-own embeddings: the DFR npz layout, export, the evaluate command, clear errors."""
+
 import json
 import subprocess
 import sys
@@ -56,14 +57,17 @@ def test_train_may_be_absent(tmp_path, npz_path):
         run_method("linear_probe", feats)
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda a: a.pop("y_test"), "lacks"),
-    (lambda a: [a.pop(k) for k in ("embeddings_val", "y_val", "g_val")], "split 'val' is missing"),
-    (lambda a: a.__setitem__("y_val", a["y_val"].astype(np.float32)), "must hold integers"),
-    (lambda a: a.__setitem__("g_val", a["g_val"][:-1]), "entries"),
-    (lambda a: a.__setitem__("embeddings_test", a["embeddings_test"][:, :5]), "dims"),
-    (lambda a: a.__setitem__("embeddings_val", a["embeddings_val"].astype(np.int64)), "float"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda a: a.pop("y_test"), "lacks"),
+        (lambda a: [a.pop(k) for k in ("embeddings_val", "y_val", "g_val")], "split 'val' is missing"),
+        (lambda a: a.__setitem__("y_val", a["y_val"].astype(np.float32)), "must hold integers"),
+        (lambda a: a.__setitem__("g_val", a["g_val"][:-1]), "entries"),
+        (lambda a: a.__setitem__("embeddings_test", a["embeddings_test"][:, :5]), "dims"),
+        (lambda a: a.__setitem__("embeddings_val", a["embeddings_val"].astype(np.int64)), "float"),
+    ],
+)
 def test_bad_npz(tmp_path, npz_path, mutate, message):
     with np.load(npz_path) as f:
         arrays = {k: f[k] for k in f.files}
@@ -75,8 +79,24 @@ def test_bad_npz(tmp_path, npz_path, mutate, message):
 
 
 def test_evaluate_command(npz_path, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "calib", "evaluate", "--embeddings", str(npz_path), "--method", "dfr",
-                        "--seed", "1", "--json"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "calib",
+            "evaluate",
+            "--embeddings",
+            str(npz_path),
+            "--method",
+            "dfr",
+            "--seed",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["label_needs"] == "val_groups" and set(out["metrics"]) == {"train", "val", "test"}
@@ -84,10 +104,18 @@ def test_evaluate_command(npz_path, tmp_path):
     assert out["metrics"]["test"]["wga"] == pytest.approx(direct)
     bad = tmp_path / "broken.npz"
     bad.write_bytes(b"not an npz")
-    r = subprocess.run([sys.executable, "-m", "calib", "evaluate", "--embeddings", str(bad), "--method", "dfr"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "calib", "evaluate", "--embeddings", str(bad), "--method", "dfr"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "cannot be read" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "calib", "evaluate", "--embeddings", str(npz_path), "--method", "cfr"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "calib", "evaluate", "--embeddings", str(npz_path), "--method", "cfr"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "pre-projection" in r.stderr
     assert get_method_class("dfr").label_needs == "val_groups"

@@ -1,9 +1,11 @@
 """Install metadata, scripts and docs stay consistent."""
+
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,8 +19,11 @@ def test_environment_yml_lists_pyproject_dependencies():
     wanted = {_norm(r) for r in project["dependencies"]} | {_norm(r) for r in project["optional-dependencies"]["dev"]}
     env = (REPO / "environment.yml").read_text()
     pip_section = env.split("- pip:", 1)[1]
-    listed = {_norm(line.strip()[2:]) for line in pip_section.splitlines()
-              if line.strip().startswith("- ") and not line.strip().startswith("- -e")}
+    listed = {
+        _norm(line.strip()[2:])
+        for line in pip_section.splitlines()
+        if line.strip().startswith("- ") and not line.strip().startswith("- -e")
+    }
     assert listed == wanted
     assert re.search(r"python\s*>=\s*3\.1\d", env)
     assert project["requires-python"] == ">=3.10"
@@ -54,14 +59,70 @@ def test_run_all_quick_end_to_end(tmp_path):
     env = {**os.environ, "CALIB_USE_CURRENT_ENV": "1", "PYTHON": sys.executable, "CALIB_HOME": str(tmp_path)}
     for var in ("CALIB_DATA_DIR", "CALIB_CACHE_DIR", "CALIB_RESULTS_DIR", "CALIB_FIGURES_DIR"):
         env.pop(var, None)
-    r = subprocess.run(["bash", str(REPO / "run_all.sh"), "--quick"], capture_output=True, text=True, env=env,
-                       timeout=900)
+    r = subprocess.run(
+        ["bash", str(REPO / "run_all.sh"), "--quick"], capture_output=True, text=True, env=env, timeout=900
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for stage in ("toy data", "toy CLIP training", "feature extraction", "notebook 04_ablations.ipynb", "total"):
         assert stage in r.stdout
     figures = {p.name for p in (tmp_path / "figures").glob("*.png")}
-    for stem in ("quickstart", "spurious_correlation", "last_layer_retraining", "main_results", "ablations",
-                 "feature_geometry", "calibration_set", "cfr_dynamics"):
+    for stem in (
+        "quickstart",
+        "spurious_correlation",
+        "last_layer_retraining",
+        "main_results",
+        "ablations",
+        "feature_geometry",
+        "calibration_set",
+        "cfr_dynamics",
+    ):
         assert f"{stem}_toy-quick_calib-toy-vit.png" in figures, stem
     assert "cfr_dynamics_testbed-mu_core0.5-scale0.1.png" in figures
     assert len(list((tmp_path / "notebooks" / "executed").glob("*.ipynb"))) == 7  # under CALIB_HOME, not the checkout
+
+
+def _calib_import_graph() -> dict[str, set[str]]:
+    """Module -> the calib modules it imports anywhere in its body (function-level imports included)."""
+    import ast
+
+    pkg = REPO / "calib"
+    mods = {}
+    for p in pkg.rglob("*.py"):
+        name = ".".join(p.relative_to(REPO).with_suffix("").parts)
+        mods[name.removesuffix(".__init__")] = p
+    graph = {m: set() for m in mods}
+    for m, p in mods.items():
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "calib":
+                targets = (node.module, *(f"{node.module}.{a.name}" for a in node.names))
+                graph[m] |= {t for t in targets if t in mods and t != m}
+            elif isinstance(node, ast.Import):
+                graph[m] |= {a.name for a in node.names if a.name in mods}
+    return graph
+
+
+def test_no_import_cycles():
+    graph = _calib_import_graph()
+    assert "calib.toyclip" in graph["calib.models"]  # the graph sees real edges
+
+    def reaches(src: str, dst: str) -> bool:
+        seen, todo = set(), [src]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                if nxt == dst:
+                    return True
+                seen.add(nxt)
+                todo.append(nxt)
+        return False
+
+    # a package importing its own submodules (calib.methods -> calib.methods.cfr) is not a cycle unless back
+    cycles = [(a, b) for a in graph for b in graph[a] if not b.startswith(a + ".") and reaches(b, a)]
+    assert cycles == []
+
+
+def test_pre_commit_runs_ruff_and_nbstripout_with_the_papermill_keys():
+    text = (REPO / ".pre-commit-config.yaml").read_text()
+    for hook in ("id: ruff", "id: ruff-format", "id: nbstripout"):
+        assert hook in text
+    assert '"metadata.papermill cell.metadata.papermill"' in text
+    assert "ruff check" in (REPO / "run_tests.sh").read_text()

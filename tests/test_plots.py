@@ -1,4 +1,5 @@
 """Figures are byte-identical across runs."""
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -9,8 +10,14 @@ from calib.plots import group_accuracy_bars, save_figure  # noqa: E402
 
 
 def test_figures_are_reproducible(tmp_path):
-    df = pd.DataFrame({"method": ["a", "a", "b"], "seed": [0, 1, 0], "test.wga": [0.2, 0.3, 0.5],
-                       "test.group_acc": [[0.9, 0.2], [0.8, 0.3], [0.7, 0.5]]})
+    df = pd.DataFrame(
+        {
+            "method": ["a", "a", "b"],
+            "seed": [0, 1, 0],
+            "test.wga": [0.2, 0.3, 0.5],
+            "test.group_acc": [[0.9, 0.2], [0.8, 0.3], [0.7, 0.5]],
+        }
+    )
     out = []
     for d in ("one", "two"):
         fig = group_accuracy_bars(df, ["g0", "g1"])

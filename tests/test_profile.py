@@ -1,4 +1,5 @@
 """The paper profile's plan and --dry-run; the throughput benchmark's accounting."""
+
 import json
 import os
 import subprocess
@@ -28,7 +29,9 @@ def test_plan_lists_present_datasets_and_skips_the_rest(tmp_path):
 
 def test_parse_backbones_and_custom_plan(tmp_path):
     assert parse_backbones("RN50-quickgelu:openai, ViT-B-32:local-dir:/w/vit") == (
-        ("RN50-quickgelu", "openai"), ("ViT-B-32", "local-dir:/w/vit"))  # split at the first colon only
+        ("RN50-quickgelu", "openai"),
+        ("ViT-B-32", "local-dir:/w/vit"),
+    )  # split at the first colon only
     for bad in ("RN50", ":openai", "RN50:", ""):
         with pytest.raises(ValueError, match="MODEL:PRETRAINED"):
             parse_backbones(bad)
@@ -50,23 +53,33 @@ def test_full_size_estimate_is_positive_and_ordered():
 def test_run_all_paper_dry_run(tmp_path):
     write_waterbirds_fixture(tmp_path / "data" / "waterbirds", ROWS)
     env = {**os.environ, "CALIB_USE_CURRENT_ENV": "1", "PYTHON": sys.executable, "CALIB_HOME": str(tmp_path / "home")}
-    r = subprocess.run(["bash", str(REPO / "run_all.sh"), "--profile", "paper", "--data-dir", str(tmp_path / "data"),
-                        "--dry-run"], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(
+        ["bash", str(REPO / "run_all.sh"), "--profile", "paper", "--data-dir", str(tmp_path / "data"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "skip celeba: not found" in r.stdout and "skip chexpert: not found" in r.stdout
     assert "waterbirds" in r.stdout and "ViT-L-14-quickgelu/openai" in r.stdout and "GPU hours" in r.stdout
     assert not (tmp_path / "home" / "results").exists()  # a dry run runs nothing
-    for args, message in ((["--profile", "paper"], "--data-dir"), (["--dry-run"], "applies to --profile paper"),
-                          (["--backbones", "RN50:openai"], "applies to --profile paper"),
-                          (["--profile", "nope"], "unknown profile")):
-        r = subprocess.run(["bash", str(REPO / "run_all.sh"), *args], capture_output=True, text=True, env=env,
-                           timeout=300)
+    for args, message in (
+        (["--profile", "paper"], "--data-dir"),
+        (["--dry-run"], "applies to --profile paper"),
+        (["--backbones", "RN50:openai"], "applies to --profile paper"),
+        (["--profile", "nope"], "unknown profile"),
+    ):
+        r = subprocess.run(
+            ["bash", str(REPO / "run_all.sh"), *args], capture_output=True, text=True, env=env, timeout=300
+        )
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
 
 
 def test_plan_command_json(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "calib", "plan", "--full-size", "--json"], capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "calib", "plan", "--full-size", "--json"], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert len(out["rows"]) == 8 and out["gpu_hours"] > 0
@@ -114,10 +127,20 @@ def test_bf16_features_match_fp32_on_cpu():
 
 def test_paper_profile_without_weights_stops_at_once_with_instructions(tmp_path):
     write_waterbirds_fixture(tmp_path / "data" / "waterbirds", ROWS)
-    env = {**os.environ, "CALIB_USE_CURRENT_ENV": "1", "PYTHON": sys.executable, "CALIB_HOME": str(tmp_path / "home"),
-           "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run(["bash", str(REPO / "run_all.sh"), "--profile", "paper", "--data-dir", str(tmp_path / "data")],
-                       capture_output=True, text=True, env=env, timeout=300)
+    env = {
+        **os.environ,
+        "CALIB_USE_CURRENT_ENV": "1",
+        "PYTHON": sys.executable,
+        "CALIB_HOME": str(tmp_path / "home"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    r = subprocess.run(
+        ["bash", str(REPO / "run_all.sh"), "--profile", "paper", "--data-dir", str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode != 0
     assert "not on this machine" in r.stderr and "timm/resnet50_clip.openai" in r.stderr
     assert not (tmp_path / "home" / ".cache" / "features").exists()  # nothing half-written
@@ -141,16 +164,38 @@ def test_paper_profile_end_to_end_on_fixtures(tmp_path):
     env = {**os.environ, "CALIB_USE_CURRENT_ENV": "1", "PYTHON": sys.executable, "CALIB_HOME": str(home)}
     for var in ("CALIB_DATA_DIR", "CALIB_CACHE_DIR", "CALIB_RESULTS_DIR", "CALIB_FIGURES_DIR"):
         env.pop(var, None)
-    r = subprocess.run(["bash", str(REPO / "run_all.sh"), "--profile", "paper", "--data-dir", str(data),
-                        "--backbones", "calib-toy-vit:random", "--quick"], capture_output=True, text=True, env=env,
-                       timeout=900)
+    r = subprocess.run(
+        [
+            "bash",
+            str(REPO / "run_all.sh"),
+            "--profile",
+            "paper",
+            "--data-dir",
+            str(data),
+            "--backbones",
+            "calib-toy-vit:random",
+            "--quick",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "skip waterbirds: not found" in r.stdout and "skip celeba: not found" in r.stdout
     assert "Passed unknown parameter" not in r.stderr  # each notebook got only the parameters it declares
     figures = {p.name for p in (home / "figures").glob("*.png")}
     for ds in ("metashift", "chexpert"):
-        for stem in ("quickstart", "spurious_correlation", "last_layer_retraining", "main_results", "ablations",
-                     "feature_geometry", "calibration_set", "cfr_dynamics"):
+        for stem in (
+            "quickstart",
+            "spurious_correlation",
+            "last_layer_retraining",
+            "main_results",
+            "ablations",
+            "feature_geometry",
+            "calibration_set",
+            "cfr_dynamics",
+        ):
             assert f"{stem}_{ds}_calib-toy-vit.png" in figures, (stem, ds)
     table = (home / "figures" / "main_results_metashift_chexpert.md").read_text()
     for ds in ("metashift", "chexpert"):

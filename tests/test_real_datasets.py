@@ -1,4 +1,5 @@
 """CelebA (both layouts), MetaShift and CheXpert readers on tiny fixtures in the exact on-disk formats."""
+
 import json
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import pytest
 
 from calib.data import DatasetLayoutError, load_dataset
 from tests.fixtures import celeba_kaggle, celeba_original, chexpert, metashift
+
 
 @pytest.mark.parametrize("make", [celeba_original, celeba_kaggle])
 def test_celeba_both_layouts(tmp_path, make):
@@ -26,14 +28,25 @@ def test_celeba_layouts_agree(tmp_path):
         np.testing.assert_array_equal(a.splits[s].g, b.splits[s].g)
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda r: (r / "list_eval_partition.txt").unlink(), "neither the original"),
-    (lambda r: (r / "list_attr_celeba.txt").write_text((r / "list_attr_celeba.txt").read_text().replace("7\n", "9\n", 1)),
-     "announces 9 images"),
-    (lambda r: (r / "list_eval_partition.txt").write_text((r / "list_eval_partition.txt").read_text().replace("000006.jpg 2", "000006.jpg 5")),
-     "partition values"),
-    (lambda r: (r / "img_align_celeba" / "000004.jpg").unlink(), "absent"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda r: (r / "list_eval_partition.txt").unlink(), "neither the original"),
+        (
+            lambda r: (r / "list_attr_celeba.txt").write_text(
+                (r / "list_attr_celeba.txt").read_text().replace("7\n", "9\n", 1)
+            ),
+            "announces 9 images",
+        ),
+        (
+            lambda r: (r / "list_eval_partition.txt").write_text(
+                (r / "list_eval_partition.txt").read_text().replace("000006.jpg 2", "000006.jpg 5")
+            ),
+            "partition values",
+        ),
+        (lambda r: (r / "img_align_celeba" / "000004.jpg").unlink(), "absent"),
+    ],
+)
 def test_celeba_bad_layouts(tmp_path, mutate, message):
     root = celeba_original(tmp_path / "celeba")
     mutate(root)
@@ -103,10 +116,17 @@ def test_chexpert_needs_the_demographics(tmp_path):
 
 
 def test_data_check_every_dataset(tmp_path):
-    roots = {"celeba": celeba_kaggle(tmp_path / "c"), "metashift": metashift(tmp_path / "m"),
-             "chexpert": chexpert(tmp_path / "x")}
+    roots = {
+        "celeba": celeba_kaggle(tmp_path / "c"),
+        "metashift": metashift(tmp_path / "m"),
+        "chexpert": chexpert(tmp_path / "x"),
+    }
     for name, root in roots.items():
-        r = subprocess.run([sys.executable, "-m", "calib", "data", "check", "--dataset", name, "--root", str(root),
-                            "--json"], capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-m", "calib", "data", "check", "--dataset", name, "--root", str(root), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["ok"]

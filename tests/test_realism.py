@@ -1,4 +1,5 @@
 """The realism measures of docs/toy_realism.md, against hand-computed values."""
+
 import numpy as np
 import pytest
 
@@ -24,9 +25,19 @@ def test_balanced_subsample_takes_the_smallest_group_from_each():
 def test_targets_and_table():
     assert within_target("zeroshot_wga", 30) and not within_target("zeroshot_wga", 20)
     assert within_target("class_decodability_z", 99) and within_target("unknown", 1) is None
-    assert set(TARGETS) <= {"zeroshot_avg_acc", "zeroshot_wga", "class_decodability_z", "class_decodability_h",
-                            "background_decodability_z", "background_decodability_h", "background_minus_class_z",
-                            "d_h_over_d", "erm_train_error_rate", "erm_error_minority_share", "effective_rank_fraction"}
+    assert set(TARGETS) <= {
+        "zeroshot_avg_acc",
+        "zeroshot_wga",
+        "class_decodability_z",
+        "class_decodability_h",
+        "background_decodability_z",
+        "background_decodability_h",
+        "background_minus_class_z",
+        "d_h_over_d",
+        "erm_train_error_rate",
+        "erm_error_minority_share",
+        "effective_rank_fraction",
+    }
     table = realism_table({"zeroshot_wga": 20.0, "effective_rank": 3.0})
     assert "| zeroshot_wga | 20.00 | 25–50 | **no** |" in table and "| effective_rank | 3.00 | — | — |" in table
 

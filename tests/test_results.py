@@ -4,15 +4,31 @@ import pandas as pd
 import pytest
 
 from calib.report import main_table, render_table, results_table
-from calib.results import (append_rows, load_results, make_row, read_rows, select_rows, summarize, to_latex,
-                           to_markdown)
+from calib.results import append_rows, load_results, make_row, read_rows, select_rows, summarize, to_latex, to_markdown
 
 
 def _row(method, seed, wga, acc=0.9, experiment="exp", dataset="toy", model="m", pretrained="p"):
-    m = {"test": {"wga": wga, "avg_acc": acc, "avg_acc_trainw": acc, "worst_class_acc": acc,
-                  "group_acc": [acc, wga], "group_n": [5, 5]}}
-    return make_row(experiment=experiment, method=method, dataset=dataset, model=model, pretrained=pretrained, seed=seed,
-                    options={"lr": 0.1}, metrics=m, extra={"label_needs": "none"})
+    m = {
+        "test": {
+            "wga": wga,
+            "avg_acc": acc,
+            "avg_acc_trainw": acc,
+            "worst_class_acc": acc,
+            "group_acc": [acc, wga],
+            "group_n": [5, 5],
+        }
+    }
+    return make_row(
+        experiment=experiment,
+        method=method,
+        dataset=dataset,
+        model=model,
+        pretrained=pretrained,
+        seed=seed,
+        options={"lr": 0.1},
+        metrics=m,
+        extra={"label_needs": "none"},
+    )
 
 
 def test_rows_carry_provenance(tmp_path):
@@ -59,12 +75,30 @@ def test_summary_and_tables(tmp_path):
 
 
 def test_label_marks_in_table():
-    rows = pd.DataFrame([
-        {"dataset": "d", "model": "m", "method": "a", "label_needs": "none", "seed": 0, "test.wga": 0.5,
-         "test.avg_acc": 0.9, "test.avg_acc_trainw": 0.9},
-        {"dataset": "d", "model": "m", "method": "b", "label_needs": "val_groups", "seed": 0, "test.wga": 0.6,
-         "test.avg_acc": 0.9, "test.avg_acc_trainw": 0.9},
-    ])
+    rows = pd.DataFrame(
+        [
+            {
+                "dataset": "d",
+                "model": "m",
+                "method": "a",
+                "label_needs": "none",
+                "seed": 0,
+                "test.wga": 0.5,
+                "test.avg_acc": 0.9,
+                "test.avg_acc_trainw": 0.9,
+            },
+            {
+                "dataset": "d",
+                "model": "m",
+                "method": "b",
+                "label_needs": "val_groups",
+                "seed": 0,
+                "test.wga": 0.6,
+                "test.avg_acc": 0.9,
+                "test.avg_acc_trainw": 0.9,
+            },
+        ]
+    )
     table = results_table(rows)
     assert list(table["method"]) == ["a", "b†"]
     assert "† uses validation group labels" in render_table(table)
@@ -72,8 +106,16 @@ def test_label_marks_in_table():
 
 def test_select_rows(tmp_path):
     path = tmp_path / "exp.jsonl"
-    append_rows([_row("cfr", 0, 0.5), _row("cfr", 1, 0.5), _row("dfr", 0, 0.5),
-                 _row("cfr", 0, 0.5, pretrained="other"), _row("cfr", 0, 0.5, dataset="celeba")], path)
+    append_rows(
+        [
+            _row("cfr", 0, 0.5),
+            _row("cfr", 1, 0.5),
+            _row("dfr", 0, 0.5),
+            _row("cfr", 0, 0.5, pretrained="other"),
+            _row("cfr", 0, 0.5, dataset="celeba"),
+        ],
+        path,
+    )
     df = load_results(path)
     assert len(select_rows(df)) == 5
     picked = select_rows(df, datasets=["toy"], backbones=[["m", "p"]], methods=["cfr"], seeds=[0])
@@ -84,18 +126,35 @@ def test_select_rows(tmp_path):
 
 def test_main_table_protocols_marks_and_order():
     def row(ds, method, seed, wga, selection=None):
-        return {"dataset": ds, "model": "m", "method": method, "seed": seed, "test.wga": wga, "test.avg_acc": 0.8,
-                "options": {"selection": selection} if selection else {}}
+        return {
+            "dataset": ds,
+            "model": "m",
+            "method": method,
+            "seed": seed,
+            "test.wga": wga,
+            "test.avg_acc": 0.8,
+            "options": {"selection": selection} if selection else {},
+        }
 
-    rows = pd.DataFrame([  # written in an order unlike the table's
-        row("toy", "cfr", 0, 0.30, "val_wga"), row("toy", "cfr", 0, 0.20, "val_worst_class"),
-        row("toy", "cfr", 1, 0.40, "val_wga"), row("toy", "cfr", 1, 0.10, "val_worst_class"),
-        row("toy", "dfr", 0, 0.70, "val_wga"), row("celeba", "cfr", 0, 0.5, "val_wga"),
-        row("toy", "zeroshot", 0, 0.25), row("toy", "zeroshot", 1, 0.25),
-    ])
+    rows = pd.DataFrame(
+        [  # written in an order unlike the table's
+            row("toy", "cfr", 0, 0.30, "val_wga"),
+            row("toy", "cfr", 0, 0.20, "val_worst_class"),
+            row("toy", "cfr", 1, 0.40, "val_wga"),
+            row("toy", "cfr", 1, 0.10, "val_worst_class"),
+            row("toy", "dfr", 0, 0.70, "val_wga"),
+            row("celeba", "cfr", 0, 0.5, "val_wga"),
+            row("toy", "zeroshot", 0, 0.25),
+            row("toy", "zeroshot", 1, 0.25),
+        ]
+    )
     table = main_table(rows)
-    assert list(zip(table["dataset"], table["method"])) == [("toy", "zeroshot"), ("toy", "dfr†"), ("toy", "cfr"),
-                                                            ("celeba", "cfr")]
+    assert list(zip(table["dataset"], table["method"])) == [
+        ("toy", "zeroshot"),
+        ("toy", "dfr†"),
+        ("toy", "cfr"),
+        ("celeba", "cfr"),
+    ]
     cfr = table.iloc[2]
     assert cfr["paper protocol: worst-group acc"] == "35.0 ± 7.1"  # mean of 30 and 40; std sqrt(50)
     assert cfr["no group labels: worst-group acc"] == "15.0 ± 7.1"

@@ -1,4 +1,5 @@
 """The known-answer testbed: its geometry on paper, and what each CFR component does to W on it."""
+
 import numpy as np
 import pytest
 
@@ -60,8 +61,7 @@ def test_infonce_with_hard_negatives_lowers_the_spurious_weight(bed):
     """Anchors (zero-shot errors: mostly minority samples) are pulled to correct same-class samples,
     which differ from them mostly along the spurious direction, and pushed from the nearest other-class
     samples, which differ mostly along the core one: the spurious/core ratio falls."""
-    run = run_method("cfr", bed, seed=0, options={**SHORT, "epochs": 6, "anchor_ce_weight": 0.0,
-                                                 "regularizer": "none"})
+    run = run_method("cfr", bed, seed=0, options={**SHORT, "epochs": 6, "anchor_ce_weight": 0.0, "regularizer": "none"})
     ratios = [h["spurious_ratio"] for h in run.history]
     assert ratios == sorted(ratios, reverse=True)  # falls every epoch (slowly: tau = 1 keeps InfoNCE flat)
     assert ratios[-1] < CFG.beta / CFG.alpha - 0.03  # measured: 0.65 -> 0.61 in 6 epochs
@@ -88,8 +88,9 @@ def test_random_same_class_negatives_do_not_lower_the_spurious_weight_as_much(be
 def test_tsc_on_the_correlated_batch_raises_the_spurious_weight(bed):
     """TSC alone clusters each class of the 95%-correlated regular batch, and the background is the
     easiest way to do that: the spurious ratio grows (measured: 0.65 -> 0.74 in 6 epochs)."""
-    run = run_method("cfr", bed, seed=0, options={**SHORT, "epochs": 6, "anchor_ce_weight": 0.0,
-                                                 "contrastive_weight": 0.0})
+    run = run_method(
+        "cfr", bed, seed=0, options={**SHORT, "epochs": 6, "anchor_ce_weight": 0.0, "contrastive_weight": 0.0}
+    )
     assert _last(run, "spurious_ratio") > CFG.beta / CFG.alpha + 0.05
 
 
@@ -98,7 +99,19 @@ def test_cfr_defaults_improve_worst_group_accuracy_on_the_testbed(bed):
     run = run_method("cfr", bed, seed=0, options={"epochs": 5, "reference_epochs": 5})
     assert run.metrics["test"]["wga"] > zs + 0.3
     hist = run.history
-    assert {"loss_anchor_ce", "loss_contrastive", "loss_regularizer", "c", "grad_norm", "w_shift", "logit_scale",
-            "train_group_acc", "val_group_acc", "calibration_acc", "w_core", "w_spurious"} <= set(hist[0])
+    assert {
+        "loss_anchor_ce",
+        "loss_contrastive",
+        "loss_regularizer",
+        "c",
+        "grad_norm",
+        "w_shift",
+        "logit_scale",
+        "train_group_acc",
+        "val_group_acc",
+        "calibration_acc",
+        "w_core",
+        "w_spurious",
+    } <= set(hist[0])
     assert hist[0]["c"] == pytest.approx(1.5) and hist[0]["logit_scale"] < 1 / 0.07 + 1  # starts at the release's s
     assert len(hist[0]["train_group_acc"]) == 4 and all(0 <= a <= 1 for a in hist[0]["train_group_acc"])

@@ -1,4 +1,5 @@
 """The toy CLIP: corpus bias, determinism, a real open_clip checkpoint."""
+
 import json
 
 import numpy as np

@@ -2,11 +2,11 @@
 
 :func:`load_dataset` is the one entry point: ``load_dataset("waterbirds", root)``.
 """
+
 from __future__ import annotations
 
-from pathlib import Path
-
 from functools import partial
+from pathlib import Path
 
 from calib.data.base import SPLITS, DatasetLayoutError, GroupDataset, SplitTable
 from calib.data.celeba import load_celeba

@@ -1,4 +1,5 @@
 """Dataset-independent containers: one table per split, and the error every loader raises."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -15,6 +15,7 @@
 
 Group g = 2*y + a: dark-haired women, dark-haired men, blond women, blond men (the smallest).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,9 +30,11 @@ TARGET, SPURIOUS = "Blond_Hair", "Male"
 CLASS_NAMES = ["person with dark hair", "person with blond hair"]
 ATTR_NAMES = ["female", "male"]
 GROUP_NAMES = ["dark hair/female", "dark hair/male", "blond/female", "blond/male"]
-SOURCE_HINT = ("CelebA comes from the authors' page (mmlab.ie.cuhk.edu.hk/projects/CelebA.html: Anno/list_attr_celeba.txt, "
-               "Eval/list_eval_partition.txt, Img/img_align_celeba.zip) or Kaggle (jessicali9530/celeba-dataset); "
-               "put the files side by side in one folder.")
+SOURCE_HINT = (
+    "CelebA comes from the authors' page (mmlab.ie.cuhk.edu.hk/projects/CelebA.html: Anno/list_attr_celeba.txt, "
+    "Eval/list_eval_partition.txt, Img/img_align_celeba.zip) or Kaggle (jessicali9530/celeba-dataset); "
+    "put the files side by side in one folder."
+)
 
 
 def _fail(root: Path, problem: str) -> DatasetLayoutError:
@@ -61,7 +64,10 @@ def _read_original(root: Path) -> tuple[pd.DataFrame, pd.Series]:
 def _read_kaggle(root: Path) -> tuple[pd.DataFrame, pd.Series]:
     attrs = pd.read_csv(root / "list_attr_celeba.csv")
     part = pd.read_csv(root / "list_eval_partition.csv")
-    for col, frame, name in (("image_id", attrs, "list_attr_celeba.csv"), ("partition", part, "list_eval_partition.csv")):
+    for col, frame, name in (
+        ("image_id", attrs, "list_attr_celeba.csv"),
+        ("partition", part, "list_eval_partition.csv"),
+    ):
         if col not in frame.columns:
             raise _fail(root, f"{name} lacks column {col!r}; it has {list(frame.columns)[:5]}...")
     return attrs, part.set_index("image_id")["partition"]
@@ -90,8 +96,11 @@ def load_celeba(root: Path, check_files: bool = True, name: str = "celeba") -> G
             raise _fail(root, f"attribute {col!r} is missing from the attribute table")
         bad = attrs.loc[~attrs[col].isin([-1, 1]), col]
         if len(bad):
-            raise _fail(root, f"attribute {col!r} has value {bad.iloc[0]!r} for {attrs.loc[bad.index[0], 'image_id']}; "
-                              "allowed -1 / 1")
+            raise _fail(
+                root,
+                f"attribute {col!r} has value {bad.iloc[0]!r} for {attrs.loc[bad.index[0], 'image_id']}; "
+                "allowed -1 / 1",
+            )
     missing_part = attrs.loc[~attrs["image_id"].isin(part.index), "image_id"]
     if len(missing_part):
         raise _fail(root, f"{len(missing_part)} image(s) have attributes but no partition, e.g. {missing_part.iloc[0]}")
@@ -111,11 +120,19 @@ def load_celeba(root: Path, check_files: bool = True, name: str = "celeba") -> G
     splits = {}
     for code, split in enumerate(SPLITS):
         m = split_code == code
-        splits[split] = SplitTable(paths=[images / f for f in attrs["image_id"][m]], y=y[m], a=a[m], g=2 * y[m] + a[m],
-                                   ids=ids[m])
+        splits[split] = SplitTable(
+            paths=[images / f for f in attrs["image_id"][m]], y=y[m], a=a[m], g=2 * y[m] + a[m], ids=ids[m]
+        )
     h = hashlib.sha256()
     for f in meta_files:
         h.update(f.read_bytes())
-    return GroupDataset(name=name, root=root, class_names=list(CLASS_NAMES), attr_names=list(ATTR_NAMES),
-                        group_names=list(GROUP_NAMES), splits=splits, version=h.hexdigest()[:16],
-                        extra={"layout": "original" if meta_files[0].suffix == ".txt" else "kaggle"})
+    return GroupDataset(
+        name=name,
+        root=root,
+        class_names=list(CLASS_NAMES),
+        attr_names=list(ATTR_NAMES),
+        group_names=list(GROUP_NAMES),
+        splits=splits,
+        version=h.hexdigest()[:16],
+        extra={"layout": "original" if meta_files[0].suffix == ".txt" else "kaggle"},
+    )

@@ -12,6 +12,7 @@ dropped).  Attribute ``a`` = 3 * sex + race (6 values, 12 groups) or sex only (`
 4 groups); g = n_attr * y + a.  Split: train and valid rows pooled, then a stratified (by group)
 random split 75 / 10 / 15 with ``random_state=42`` (SubpopBench's rule).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,9 +27,11 @@ from calib.data.base import DatasetLayoutError, GroupDataset, SplitTable
 RACES = ["White", "Black", "Other"]
 SEXES = ["Female", "Male"]
 DEMO_NAMES = ("CHEXPERT DEMO.csv", "CHEXPERT DEMO.xlsx")
-HINT = ("CheXpert requires registration: request CheXpert-v1.0-small at https://stanfordaimi.azurewebsites.net/ and the "
-        "demographics table (CHEXPERT DEMO.xlsx) from the same site; put train.csv, valid.csv, train/, valid/ and "
-        "'CHEXPERT DEMO.csv' (or .xlsx) in one folder and pass it as --root.")
+HINT = (
+    "CheXpert requires registration: request CheXpert-v1.0-small at https://stanfordaimi.azurewebsites.net/ and the "
+    "demographics table (CHEXPERT DEMO.xlsx) from the same site; put train.csv, valid.csv, train/, valid/ and "
+    "'CHEXPERT DEMO.csv' (or .xlsx) in one folder and pass it as --root."
+)
 
 
 def _strata(g: np.ndarray, test_size: float) -> np.ndarray | None:
@@ -57,8 +60,11 @@ def _read_demographics(root: Path) -> pd.DataFrame:
                     try:
                         return pd.read_excel(path)
                     except ImportError as err:
-                        raise _fail(root, f"reading {path.name} needs openpyxl (pip install openpyxl), "
-                                          "or save it as 'CHEXPERT DEMO.csv'") from err
+                        raise _fail(
+                            root,
+                            f"reading {path.name} needs openpyxl (pip install openpyxl), "
+                            "or save it as 'CHEXPERT DEMO.csv'",
+                        ) from err
                 try:
                     return pd.read_csv(path)
                 except (pd.errors.ParserError, UnicodeDecodeError) as err:
@@ -66,7 +72,9 @@ def _read_demographics(root: Path) -> pd.DataFrame:
     raise _fail(root, f"the demographics table ({' or '.join(DEMO_NAMES)}) is missing")
 
 
-def load_chexpert(root: Path, check_files: bool = True, name: str = "chexpert", attribute: str = "sex_race") -> GroupDataset:
+def load_chexpert(
+    root: Path, check_files: bool = True, name: str = "chexpert", attribute: str = "sex_race"
+) -> GroupDataset:
     """Load CheXpert split tables; ``attribute`` is ``"sex_race"`` (12 groups) or ``"sex"`` (4 groups)."""
     root = Path(root).resolve()
     if not root.is_dir():
@@ -116,12 +124,23 @@ def load_chexpert(root: Path, check_files: bool = True, name: str = "chexpert", 
     train, val = train_test_split(rest, test_size=0.10 / 0.85, random_state=42, stratify=_strata(g[rest], 0.10 / 0.85))
     splits = {}
     for split, part in (("train", np.sort(train)), ("val", np.sort(val)), ("test", np.sort(test))):
-        splits[split] = SplitTable(paths=[paths[i] for i in part], y=y[part], a=a[part].astype(np.int64),
-                                   g=g[part].astype(np.int64), ids=part.astype(np.int64))
+        splits[split] = SplitTable(
+            paths=[paths[i] for i in part],
+            y=y[part],
+            a=a[part].astype(np.int64),
+            g=g[part].astype(np.int64),
+            ids=part.astype(np.int64),
+        )
     h = hashlib.sha256()
     for fname in ("train.csv", "valid.csv"):
         h.update((root / fname).read_bytes())
     h.update(pd.util.hash_pandas_object(race, index=True).values.tobytes())
-    return GroupDataset(name=name, root=root, class_names=["finding", "no finding"], attr_names=attr_names,
-                        group_names=[f"{c}/{an}" for c in ("finding", "no finding") for an in attr_names],
-                        splits=splits, version=h.hexdigest()[:16] + f"-{attribute}")
+    return GroupDataset(
+        name=name,
+        root=root,
+        class_names=["finding", "no finding"],
+        attr_names=attr_names,
+        group_names=[f"{c}/{an}" for c in ("finding", "no finding") for an in attr_names],
+        splits=splits,
+        version=h.hexdigest()[:16] + f"-{attribute}",
+    )

@@ -12,6 +12,7 @@ pooled and sorted by relative path, permuted by ``numpy.random.default_rng(42)``
 are test, the next 10% validation, the rest training.  (The fractions and seed follow
 SubpopBench; the exact file lists are calib's own.)
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,8 +38,10 @@ GROUP_NAMES = ["dog/outdoor", "dog/indoor", "cat/outdoor", "cat/indoor"]
 def load_metashift(root: Path, check_files: bool = True, name: str = "metashift") -> GroupDataset:
     """Load MetaShift cats/dogs with calib's explicit re-split (see the module docstring)."""
     root = Path(root).resolve()
-    hint = (f"Expected {root} to hold {', '.join(FOLDERS)} (MetaShift-Cat-Dog-indoor-outdoor, built by the MetaShift "
-            "repository's dataset_generation script, or as distributed by SubpopBench).")
+    hint = (
+        f"Expected {root} to hold {', '.join(FOLDERS)} (MetaShift-Cat-Dog-indoor-outdoor, built by the MetaShift "
+        "repository's dataset_generation script, or as distributed by SubpopBench)."
+    )
     if not root.is_dir():
         raise DatasetLayoutError(f"MetaShift layout problem: {root} does not exist.\n{hint}")
     files, labels = [], []
@@ -56,12 +59,19 @@ def load_metashift(root: Path, check_files: bool = True, name: str = "metashift"
     lab = np.array(labels)[order]
     perm = np.random.default_rng(SPLIT_SEED).permutation(len(files))
     n_test, n_val = int(round(TEST_FRACTION * len(files))), int(round(VAL_FRACTION * len(files)))
-    parts = {"test": perm[:n_test], "val": perm[n_test:n_test + n_val], "train": perm[n_test + n_val:]}
+    parts = {"test": perm[:n_test], "val": perm[n_test : n_test + n_val], "train": perm[n_test + n_val :]}
     splits = {}
     for split in ("train", "val", "test"):
         idx = np.sort(parts[split])
         y, a = lab[idx, 0].astype(np.int64), lab[idx, 1].astype(np.int64)
         splits[split] = SplitTable(paths=[files[i] for i in idx], y=y, a=a, g=2 * y + a, ids=idx.astype(np.int64))
     version = hashlib.sha256("\n".join(str(p.relative_to(root)) for p in files).encode()).hexdigest()[:16]
-    return GroupDataset(name=name, root=root, class_names=list(CLASS_NAMES), attr_names=list(ATTR_NAMES),
-                        group_names=list(GROUP_NAMES), splits=splits, version=version)
+    return GroupDataset(
+        name=name,
+        root=root,
+        class_names=list(CLASS_NAMES),
+        attr_names=list(ATTR_NAMES),
+        group_names=list(GROUP_NAMES),
+        splits=splits,
+        version=version,
+    )

@@ -12,6 +12,7 @@ use the background: the spurious feature of the real dataset.
 the real loader reads it.  The same renderer draws the separate image-caption corpus the toy CLIP
 is trained on (:mod:`calib.toyclip`).
 """
+
 from __future__ import annotations
 
 import json

@@ -8,6 +8,7 @@ Layout (``waterbird_complete95_forest2water2`` or WILDS ``waterbirds_v1.0``)::
 ``y``: 1 = waterbird; ``place``: 1 = water; ``split``: 0 train, 1 val, 2 test; group g = 2*y + place.
 The built-in toy benchmark (:mod:`calib.data.toy`) is written in this same layout.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

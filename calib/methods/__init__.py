@@ -2,6 +2,7 @@
 
 Importing this package registers every method.  ``python -m calib list methods`` prints them.
 """
+
 from __future__ import annotations
 
 from calib.methods import adapters, cfr, dfr, heads, projection, reweighting  # noqa: F401  (registration)
@@ -19,5 +20,16 @@ from calib.methods.base import (
     run_method,
 )
 
-__all__ = ["LABEL_LEGEND", "LABEL_MARKS", "REGISTRY", "Method", "MethodRun", "create", "describe_methods",
-           "get_method_class", "make_options", "register", "run_method"]
+__all__ = [
+    "LABEL_LEGEND",
+    "LABEL_MARKS",
+    "REGISTRY",
+    "Method",
+    "MethodRun",
+    "create",
+    "describe_methods",
+    "get_method_class",
+    "make_options",
+    "register",
+    "run_method",
+]

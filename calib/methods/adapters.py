@@ -1,4 +1,5 @@
 """Label-free baselines that keep CLIP's zero-shot head: the contrastive adapter and UMFC."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -104,8 +105,15 @@ class ContrastiveAdapter(ProjectionMethod):
         scaled = ProjectionOptions(**{f: getattr(o, f) for f in ProjectionOptions.__dataclass_fields__})
         # anchors are few: scale epochs so the adapter sees each anchor `epochs` times
         scaled.epochs = max(1, int(np.ceil(o.epochs * k / n_train)))
-        self.head, self.history = fit_head(Adapter(data.text, data.logit_scale, o.hidden_ratio), data, scaled,
-                                           seed, loss, self.inputs, optimizer="adam")
+        self.head, self.history = fit_head(
+            Adapter(data.text, data.logit_scale, o.hidden_ratio),
+            data,
+            scaled,
+            seed,
+            loss,
+            self.inputs,
+            optimizer="adam",
+        )
         self.anchor_groups = np.bincount(tr.g[anchors.cpu().numpy()], minlength=data.n_groups).tolist()
 
 
@@ -168,8 +176,10 @@ class UMFC(Method):
             raise ValueError(f"UMFC mode {o.mode!r} is not one of {sorted(UMFC_MODES)}")
         split = UMFC_MODES[o.mode]
         if split not in data.splits:
-            raise ValueError(f"UMFC mode {o.mode!r} fits clusters on the {split!r} split, but the features have "
-                             f"splits {sorted(data.splits)}")
+            raise ValueError(
+                f"UMFC mode {o.mode!r} fits clusters on the {split!r} split, but the features have "
+                f"splits {sorted(data.splits)}"
+            )
         z = normalize(data.splits[split].z)
         self.km = KMeans(n_clusters=o.n_clusters, n_init=10, max_iter=o.max_iter, random_state=seed).fit(z)
         labels = self.km.labels_
@@ -177,8 +187,9 @@ class UMFC(Method):
         text = normalize(data.text)
         self.text = normalize(text - o.beta * umfc_text_shift(z, labels, o.n_clusters))
         zs = zero_shot_logits(z, text, self.scale)
-        self.cluster_bias = np.stack([zs[labels == k].mean(0) if (labels == k).any() else np.zeros(zs.shape[1])
-                                      for k in range(o.n_clusters)])  # [K, C]
+        self.cluster_bias = np.stack(
+            [zs[labels == k].mean(0) if (labels == k).any() else np.zeros(zs.shape[1]) for k in range(o.n_clusters)]
+        )  # [K, C]
 
     def logits(self, split: SplitFeatures) -> np.ndarray:
         z = normalize(split.z)

@@ -12,6 +12,7 @@ A method is a class with
 
 :func:`run_method` fits a registered method and evaluates it on every split.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,7 +32,7 @@ LABEL_NEEDS = ("none", "val_groups", "train_groups")
 LABEL_MARKS = {"none": "", "val_groups": "†", "train_groups": "‡"}
 LABEL_LEGEND = "† uses validation group labels; ‡ uses training group labels (oracle); unmarked: no group labels."
 
-REGISTRY: dict[str, type["Method"]] = {}
+REGISTRY: dict[str, type[Method]] = {}
 
 
 @dataclass
@@ -110,8 +111,9 @@ def describe_methods() -> list[dict[str, Any]]:
     for name, cls in sorted(REGISTRY.items()):
         opts = {f.name: f.default if f.default is not dataclasses.MISSING else None for f in fields(cls.Options)}
         needs = cls(cls.Options()).required_labels()
-        out.append({"name": name, "label_needs": needs, "uses": list(cls.uses),
-                    "summary": cls.summary, "options": opts})
+        out.append(
+            {"name": name, "label_needs": needs, "uses": list(cls.uses), "summary": cls.summary, "options": opts}
+        )
     return out
 
 
@@ -133,17 +135,26 @@ class MethodRun:
 def check_inputs(name: str, uses: tuple[str, ...], data: FeatureSet) -> None:
     """Raise a clear error when ``data`` lacks something method ``name`` uses."""
     if "h" in uses and any(s.h is None for s in data.splits.values()):
-        raise ValueError(f"method {name!r} trains the image projection and needs pre-projection features (h); "
-                         "these features only hold final embeddings (e.g. an embeddings npz)")
+        raise ValueError(
+            f"method {name!r} trains the image projection and needs pre-projection features (h); "
+            "these features only hold final embeddings (e.g. an embeddings npz)"
+        )
     if "text" in uses and data.text is None:
-        raise ValueError(f"method {name!r} uses CLIP's zero-shot head (text prototypes), which these features "
-                         "do not have (e.g. an embeddings npz)")
+        raise ValueError(
+            f"method {name!r} uses CLIP's zero-shot head (text prototypes), which these features "
+            "do not have (e.g. an embeddings npz)"
+        )
     if "train" in uses and "train" not in data.splits:
         raise ValueError(f"method {name!r} needs a training split; the features have {sorted(data.splits)}")
 
 
-def run_method(name: str, data: FeatureSet, seed: int = 0, options: dict[str, Any] | None = None,
-               splits: tuple[str, ...] | None = None) -> MethodRun:
+def run_method(
+    name: str,
+    data: FeatureSet,
+    seed: int = 0,
+    options: dict[str, Any] | None = None,
+    splits: tuple[str, ...] | None = None,
+) -> MethodRun:
     """Fit method ``name`` on ``data`` with ``seed`` and evaluate it on ``splits`` (default: all present)."""
     method = get_method_class(name)(make_options(name, options))
     check_inputs(name, method.uses, data)
@@ -152,8 +163,9 @@ def run_method(name: str, data: FeatureSet, seed: int = 0, options: dict[str, An
     return evaluate_instance(method, data, seed, time.perf_counter() - t0, splits)
 
 
-def evaluate_instance(method: Method, data: FeatureSet, seed: int, seconds: float,
-                      splits: tuple[str, ...] | None = None) -> MethodRun:
+def evaluate_instance(
+    method: Method, data: FeatureSet, seed: int, seconds: float, splits: tuple[str, ...] | None = None
+) -> MethodRun:
     """Metrics of a fitted method on ``splits`` (default: all present)."""
     name = method.name
     metrics, preds = {}, {}
@@ -161,10 +173,25 @@ def evaluate_instance(method: Method, data: FeatureSet, seed: int, seconds: floa
         feats = data.splits[split]
         pred = method.logits(feats).argmax(1)
         preds[split] = pred
-        metrics[split] = evaluate(pred, feats.y, feats.g, data.n_groups, data.n_classes,
-                                  data.train_group_counts).as_dict()
-    log.info("%s seed %d: test WGA %.3f, avg %.3f (%.1f s)", name, seed, metrics.get("test", {}).get("wga", np.nan),
-             metrics.get("test", {}).get("avg_acc", np.nan), seconds)
-    return MethodRun(method=name, seed=seed, options=dataclasses.asdict(method.options),
-                     label_needs=method.required_labels(), metrics=metrics, predictions=preds,
-                     seconds=seconds, history=method.history, instance=method)
+        metrics[split] = evaluate(
+            pred, feats.y, feats.g, data.n_groups, data.n_classes, data.train_group_counts
+        ).as_dict()
+    log.info(
+        "%s seed %d: test WGA %.3f, avg %.3f (%.1f s)",
+        name,
+        seed,
+        metrics.get("test", {}).get("wga", np.nan),
+        metrics.get("test", {}).get("avg_acc", np.nan),
+        seconds,
+    )
+    return MethodRun(
+        method=name,
+        seed=seed,
+        options=dataclasses.asdict(method.options),
+        label_needs=method.required_labels(),
+        metrics=metrics,
+        predictions=preds,
+        seconds=seconds,
+        history=method.history,
+        instance=method,
+    )

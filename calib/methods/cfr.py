@@ -30,10 +30,11 @@ docs/cfr_fidelity.md):
 by random *same-class* samples, dropout left on at evaluation, and the loss weight stuck at 1.5.
 
 ``history`` holds, per epoch, each loss term, ``c``, the gradient norm, ``||W - W0||``, the logit
-scale, training accuracy per group (validation per group comes from :func:`fit_head`; diagnostics only: no label-free protocol reads
-them), the calibration set's accuracy and, on features with known directions (the testbed), the
-logit weight of each direction.
+scale, training accuracy per group (validation per group comes from :func:`fit_head`; diagnostics only:
+no label-free protocol reads them), the calibration set's accuracy and, on features with known
+directions (the testbed), the logit weight of each direction.
 """
+
 from __future__ import annotations
 
 import logging
@@ -46,9 +47,8 @@ import torch.nn.functional as F
 
 from calib.features import FeatureSet, SplitFeatures
 from calib.methods.base import register
-from calib.methods.losses import TSCLoss, info_nce, supcon_loss
-from calib.metrics import group_accuracy
 from calib.methods.diagnostics import direction_weights
+from calib.methods.losses import TSCLoss, info_nce, supcon_loss
 from calib.methods.projection import (
     LOGIT_SCALE_INITS,
     SELECTION_RULES,
@@ -59,6 +59,7 @@ from calib.methods.projection import (
     fit_projection,
     resolve_device,
 )
+from calib.metrics import group_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +123,18 @@ class CFROptions:
             raise ValueError("CFR term weights anchor_ce_weight and contrastive_weight must be >= 0")
 
     def projection_options(self, epochs: int, dropout: float) -> ClipERMOptions:
-        return ClipERMOptions(epochs=epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
-                              weight_decay=self.weight_decay, train_logit_scale=self.train_logit_scale,
-                              dropout=dropout, selection=self.selection, device=self.device,
-                              logit_scale_init=self.logit_scale_init)
+        return ClipERMOptions(
+            epochs=epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            train_logit_scale=self.train_logit_scale,
+            dropout=dropout,
+            selection=self.selection,
+            device=self.device,
+            logit_scale_init=self.logit_scale_init,
+        )
 
 
 _REFERENCES: dict[tuple, tuple[dict, list[dict]]] = {}
@@ -133,8 +142,13 @@ _REFERENCES: dict[tuple, tuple[dict, list[dict]]] = {}
 
 def reference_erm(data: FeatureSet, opts: ClipERMOptions, seed: int) -> tuple[ProjectionHead, list[dict]]:
     """The CLIP+ERM reference head, trained once per (features, options, seed) in this process."""
-    key = (data.meta.get("weights"), data.meta.get("dataset_version"), id(data) if not data.meta else None,
-           tuple(sorted(asdict(opts).items())), seed)
+    key = (
+        data.meta.get("weights"),
+        data.meta.get("dataset_version"),
+        id(data) if not data.meta else None,
+        tuple(sorted(asdict(opts).items())),
+        seed,
+    )
     device = resolve_device(opts.device)
     if key not in _REFERENCES:
         tr = data.splits["train"]
@@ -162,8 +176,11 @@ def calibration_set(logits: np.ndarray, y: np.ndarray, rule: str, fraction: floa
         idx = np.flatnonzero(logits.argmax(1) != y)
         if len(idx):
             return idx
-        log.warning("the reference model classifies every training sample correctly; "
-                    "using the %.0f%% lowest-margin samples instead", 100 * fraction)
+        log.warning(
+            "the reference model classifies every training sample correctly; "
+            "using the %.0f%% lowest-margin samples instead",
+            100 * fraction,
+        )
     true = logits[np.arange(len(y)), y]
     other = np.where(np.eye(logits.shape[1], dtype=bool)[y], -np.inf, logits).max(1)
     k = max(1, int(round(fraction * len(y))))
@@ -173,7 +190,7 @@ def calibration_set(logits: np.ndarray, y: np.ndarray, rule: str, fraction: floa
 def nearest(query: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
     """For each normalised query row, indices (into ``keys``) of its ``k`` most cosine-similar keys."""
     k = min(k, len(keys))
-    out = [(query[i:i + chunk] @ keys.T).topk(k, dim=1).indices for i in range(0, len(query), chunk)]
+    out = [(query[i : i + chunk] @ keys.T).topk(k, dim=1).indices for i in range(0, len(query), chunk)]
     return torch.cat(out)
 
 
@@ -209,12 +226,18 @@ class CFR(ProjectionMethod):
         cal = calibration_set(ref_logits, tr.y, o.calibration, o.calibration_fraction)
         self.calibration_idx = cal
         self.calibration_groups = np.bincount(tr.g[cal], minlength=data.n_groups).tolist()
-        log.info("CFR calibration set: %d of %d training samples (per-group diagnostic: %s)",
-                 len(cal), len(tr), self.calibration_groups)
+        log.info(
+            "CFR calibration set: %d of %d training samples (per-group diagnostic: %s)",
+            len(cal),
+            len(tr),
+            self.calibration_groups,
+        )
 
         # 3. positives and negatives, indexed in the training split
         correct = ref_pred == tr.y
-        pools = {c: torch.as_tensor(np.flatnonzero(correct & (tr.y == c)), device=device) for c in range(data.n_classes)}
+        pools = {
+            c: torch.as_tensor(np.flatnonzero(correct & (tr.y == c)), device=device) for c in range(data.n_classes)
+        }
         for c, pool in pools.items():
             if len(pool) == 0:
                 pools[c] = torch.as_tensor(np.flatnonzero(tr.y == c), device=device)  # no correct sample: any
@@ -239,7 +262,9 @@ class CFR(ProjectionMethod):
 
         # uniform draws from per-class pools, vectorised: pool c is flat[offset[c] : offset[c] + size[c]]
         pos_flat, pos_off, pos_size = _flatten_pools([pools[c] for c in range(data.n_classes)])
-        same_flat, same_off, same_size = _flatten_pools([torch.nonzero(y == c).flatten() for c in range(data.n_classes)])
+        same_flat, same_off, same_size = _flatten_pools(
+            [torch.nonzero(y == c).flatten() for c in range(data.n_classes)]
+        )
 
         def draw(flat: torch.Tensor, off: torch.Tensor, size: torch.Tensor, cls: torch.Tensor, k: int) -> torch.Tensor:
             u = torch.rand(len(cls), k, generator=gen).to(device)
@@ -260,8 +285,13 @@ class CFR(ProjectionMethod):
         self.sample_positives, self.sample_negatives = positives_for, negatives_for
 
         # 4. the loss
-        tsc = TSCLoss(data.text.shape[1], data.n_classes, o.tsc_queue, o.tsc_temperature, o.tsc_target_weight,
-                      seed).to(device) if o.regularizer == "tsc" else None
+        tsc = (
+            TSCLoss(data.text.shape[1], data.n_classes, o.tsc_queue, o.tsc_temperature, o.tsc_target_weight, seed).to(
+                device
+            )
+            if o.regularizer == "tsc"
+            else None
+        )
         n_cal = len(cal)
         big_projection = data.W0.size >= 1 << 16
         cal_order = {"perm": torch.randperm(n_cal, generator=gen), "epoch": -1}
@@ -283,9 +313,9 @@ class CFR(ProjectionMethod):
             else:  # small maps: the gather-and-scatter costs more than the duplicate rows
                 emb = head.embed(h[need])
             b, p_n = len(idx), pos.numel()
-            e_reg, e_anc = emb[:b], emb[b:2 * b]
-            e_pos = emb[2 * b:2 * b + p_n].view(*pos.shape, -1)
-            e_neg = emb[2 * b + p_n:].view(*neg.shape, -1)
+            e_reg, e_anc = emb[:b], emb[b : 2 * b]
+            e_pos = emb[2 * b : 2 * b + p_n].view(*pos.shape, -1)
+            e_neg = emb[2 * b + p_n :].view(*neg.shape, -1)
             scale = head.log_s.exp()
             d_anc = head.dropout(e_anc)  # as released: one dropout draw feeds the anchor CE and InfoNCE
             ce_anchor = F.cross_entropy(scale * d_anc @ head.text.T, y[anchors])
@@ -317,8 +347,12 @@ class CFR(ProjectionMethod):
             for v in terms.values():
                 v.zero_()
             shift = float(torch.linalg.matrix_norm(hd.W - W0))
-            rec.update(c=loss_weight(epoch, o.epochs, o), w_shift=shift, w_shift_rel=shift / w0_norm,
-                       logit_scale=float(hd.log_s.exp()))
+            rec.update(
+                c=loss_weight(epoch, o.epochs, o),
+                w_shift=shift,
+                w_shift_rel=shift / w0_norm,
+                logit_scale=float(hd.log_s.exp()),
+            )
             pred = hd(h).argmax(1).cpu().numpy()
             rec["train_group_acc"] = group_accuracy(pred, tr.y, tr.g, data.n_groups).tolist()
             rec["calibration_acc"] = float(np.mean(pred[cal] == tr.y[cal]))
@@ -330,8 +364,16 @@ class CFR(ProjectionMethod):
         head = ProjectionHead.for_features(data, o.logit_scale_init, o.train_logit_scale, o.dropout)
         epoch_size = n_cal if o.epoch_unit == "calibration" else None
         torch.manual_seed(seed)
-        self.head, self.history = fit_head(head, data, o.projection_options(o.epochs, o.dropout), seed, step_loss,
-                                           lambda split: split.h, epoch_size=epoch_size, epoch_end=epoch_end)
+        self.head, self.history = fit_head(
+            head,
+            data,
+            o.projection_options(o.epochs, o.dropout),
+            seed,
+            step_loss,
+            lambda split: split.h,
+            epoch_size=epoch_size,
+            epoch_end=epoch_end,
+        )
         self.eval_gen = torch.Generator().manual_seed(seed + 2)
 
     def logits(self, split: SplitFeatures) -> np.ndarray:

@@ -14,6 +14,7 @@ The exact published protocol (PolinaKirichenko/deep_feature_reweighting), on CLI
 
 The originals never seed numpy; here every draw comes from ``default_rng(seed)``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,8 +39,9 @@ def l1_logistic(C: float, rng: np.random.Generator) -> LogisticRegression:
     return LogisticRegression(C=C, l1_ratio=1.0, solver="liblinear", random_state=int(rng.integers(2**31 - 1)))
 
 
-def fit_l1(C: float, rng: np.random.Generator, x: np.ndarray, y: np.ndarray, n_classes: int,
-           what: str = "fit") -> tuple[np.ndarray, np.ndarray]:
+def fit_l1(
+    C: float, rng: np.random.Generator, x: np.ndarray, y: np.ndarray, n_classes: int, what: str = "fit"
+) -> tuple[np.ndarray, np.ndarray]:
     """Fit :func:`l1_logistic`; returns ``coef`` ``[1, d]`` (two classes) or ``[n_classes, d]``, and ``intercept``.
 
     More than two classes are fit one-vs-rest, which is what liblinear did inside ``LogisticRegression``
@@ -48,9 +50,11 @@ def fit_l1(C: float, rng: np.random.Generator, x: np.ndarray, y: np.ndarray, n_c
     """
     present = np.unique(y)
     if len(present) < n_classes:
-        raise ValueError(f"DFR: the {what} subset ({len(y)} validation samples) holds only class(es) "
-                         f"{present.tolist()} of {n_classes}; the validation split is too small for DFR's "
-                         "protocol (it halves the validation set, then group-balances each half)")
+        raise ValueError(
+            f"DFR: the {what} subset ({len(y)} validation samples) holds only class(es) "
+            f"{present.tolist()} of {n_classes}; the validation split is too small for DFR's "
+            "protocol (it halves the validation set, then group-balances each half)"
+        )
     clf = l1_logistic(C, rng)
     if n_classes == 2:
         clf.fit(x, y)
@@ -75,8 +79,15 @@ def balanced_subsample(g: np.ndarray, rng: np.random.Generator, n_groups: int | 
     return np.concatenate([rng.permutation(idx)[:m] for idx in groups])
 
 
-def tune_c(x: np.ndarray, y: np.ndarray, g: np.ndarray, n_groups: int, rng: np.random.Generator,
-           grid: tuple[float, ...] = C_GRID, n_classes: int | None = None) -> tuple[float, dict[float, float]]:
+def tune_c(
+    x: np.ndarray,
+    y: np.ndarray,
+    g: np.ndarray,
+    n_groups: int,
+    rng: np.random.Generator,
+    grid: tuple[float, ...] = C_GRID,
+    n_classes: int | None = None,
+) -> tuple[float, dict[float, float]]:
     """DFR's C selection: returns the best C and the held-out worst-group accuracy of every C.
 
     ``n_classes`` defaults to ``y.max() + 1``.

@@ -7,6 +7,7 @@ by ``u . v``: that is the direction's *logit weight*.  On the testbed (``calib.t
 where ``h`` carries a core and a spurious direction, a good recalibration drives the spurious
 weight to zero and keeps the core weight positive; ``spurious_ratio = w_spurious / w_core``.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """Heads on frozen final embeddings: zero-shot CLIP and the linear probe."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -2,6 +2,7 @@
 
 All take L2-normalised features.  Shapes: ``B`` anchors, ``P`` positives, ``N`` negatives, ``d`` dims.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -65,8 +66,15 @@ class TSCLoss(nn.Module):
     cross-entropy of the self-positive; then the batch enters the queue.
     """
 
-    def __init__(self, dim: int, n_classes: int, queue: int = 1280, temperature: float = 0.07,
-                 target_weight: float = 0.2, seed: int = 0):
+    def __init__(
+        self,
+        dim: int,
+        n_classes: int,
+        queue: int = 1280,
+        temperature: float = 0.07,
+        target_weight: float = 0.2,
+        seed: int = 0,
+    ):
         super().__init__()
         gen = torch.Generator().manual_seed(seed + 7)
         self.temperature, self.target_weight, self.n_classes = temperature, target_weight, n_classes

@@ -7,14 +7,15 @@ optionally trainable.  ``logits(h) = s * dropout(norm(h @ W + b)) @ T^T``.
 :func:`fit_projection` runs epochs of SGD over the training split with a caller-supplied loss and
 selects an epoch by one of :data:`SELECTION_RULES`.
 """
+
 from __future__ import annotations
 
 import copy
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -64,8 +65,15 @@ class ProjectionHead(nn.Module):
     none (``b0`` all zeros), and the release trains no bias there, so neither does calib.
     """
 
-    def __init__(self, W0: np.ndarray, b0: np.ndarray, text: np.ndarray, logit_scale: float,
-                 train_scale: bool = True, dropout: float = 0.0):
+    def __init__(
+        self,
+        W0: np.ndarray,
+        b0: np.ndarray,
+        text: np.ndarray,
+        logit_scale: float,
+        train_scale: bool = True,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.W = nn.Parameter(torch.as_tensor(W0, dtype=torch.float32).clone())
         self.b = nn.Parameter(torch.as_tensor(b0, dtype=torch.float32).clone(), requires_grad=bool(np.any(b0)))
@@ -75,8 +83,9 @@ class ProjectionHead(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     @classmethod
-    def for_features(cls, data: FeatureSet, logit_scale_init: str, train_scale: bool = True,
-                     dropout: float = 0.0) -> "ProjectionHead":
+    def for_features(
+        cls, data: FeatureSet, logit_scale_init: str, train_scale: bool = True, dropout: float = 0.0
+    ) -> ProjectionHead:
         """A head at the pretrained ``W0`` of ``data``, its scale chosen by :func:`initial_logit_scale`."""
         return cls(data.W0, data.b0, data.text, initial_logit_scale(data, logit_scale_init), train_scale, dropout)
 
@@ -190,8 +199,9 @@ def fit_head(
             loss.backward()
             with torch.no_grad():  # accumulated on the device: no host sync inside the step
                 loss_sum += loss.detach()
-                grad_sum += torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params
-                                                                  if p.grad is not None]))
+                grad_sum += torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None])
+                )
             opt.step()
         head.eval()
         rec = {"epoch": epoch, "loss": float(loss_sum) / len(batches), "grad_norm": float(grad_sum) / len(batches)}

@@ -2,6 +2,7 @@
 
 All work on L2-normalised CLIP embeddings ``z``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -140,6 +141,5 @@ class GroupDRO(ProjectionMethod):
 
         torch.manual_seed(seed)
         head = LinearHead(data.n_classes, z.shape[1])
-        self.head, self.history = fit_head(head, data, self.options, seed, loss,
-                                           self.inputs, optimizer="adam")
+        self.head, self.history = fit_head(head, data, self.options, seed, loss, self.inputs, optimizer="adam")
         self.group_weights = q.cpu().numpy().tolist()
