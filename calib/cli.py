@@ -75,6 +75,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
                     "dataset": ds.name,
                     "root": str(ds.root),
                     "version": ds.version,
+                    "layout": ds.extra.get("layout"),
                     "ok": True,
                     "splits": {
                         s: {"n": int(sum(c)), "groups": dict(zip(ds.group_names, c))} for s, c in counts.items()
@@ -86,6 +87,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return 0
     width = max(len(g) for g in ds.group_names)
     print(f"{ds.name} at {ds.root} (metadata version {ds.version}): layout OK")
+    if ds.extra.get("layout"):
+        print(f"layout: {ds.extra['layout']}")
     print(f"{'group':<{width}}  " + "  ".join(f"{s:>7}" for s in counts))
     for gi, gname in enumerate(ds.group_names):
         print(f"{gname:<{width}}  " + "  ".join(f"{counts[s][gi]:>7}" for s in counts))

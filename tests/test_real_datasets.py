@@ -130,3 +130,41 @@ def test_data_check_every_dataset(tmp_path):
         )
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["ok"]
+
+
+@pytest.mark.parametrize(
+    "dataset, inner, make",
+    [
+        ("metashift", "MetaShift-Cat-Dog-indoor-outdoor", metashift),
+        ("chexpert", "CheXpert-v1.0-small", chexpert),
+        ("celeba", "celeba", celeba_kaggle),
+        ("waterbirds", "waterbird_complete95_forest2water2", None),
+        ("waterbirds", "waterbirds_v1.0", None),
+    ],
+)
+def test_parent_of_the_released_folder_is_accepted(tmp_path, dataset, inner, make):
+    """Users point --root at the folder they extracted the archive in (SubpopBench's data folder)."""
+    from tests.fixtures import ROWS, write_waterbirds_fixture
+
+    if make is None:
+        write_waterbirds_fixture(tmp_path / "data" / inner, ROWS)
+    else:
+        make(tmp_path / "data" / inner)
+    direct = load_dataset(dataset, tmp_path / "data" / inner)
+    parent = load_dataset(dataset, tmp_path / "data")
+    assert parent.root == direct.root == (tmp_path / "data" / inner).resolve()
+    assert parent.version == direct.version and parent.group_counts() == direct.group_counts()
+    assert f"parent folder given: using {inner}/" in parent.extra["layout"]
+    assert "given directly" in direct.extra["layout"]
+    out = subprocess.run(
+        [sys.executable, "-m", "calib", "data", "check", "--dataset", dataset, "--root", str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0 and f"parent folder given: using {inner}/" in out.stdout, out.stderr
+
+
+def test_metashift_wrong_parent_names_both_layouts(tmp_path):
+    (tmp_path / "data" / "something-else").mkdir(parents=True)
+    with pytest.raises(DatasetLayoutError, match="or its parent holding MetaShift-Cat-Dog-indoor-outdoor"):
+        load_dataset("metashift", tmp_path / "data")

@@ -14,6 +14,21 @@ class DatasetLayoutError(ValueError):
     """The files on disk do not have the layout the loader expects.  The message says which."""
 
 
+def find_layout_root(root: Path, marker: str, inner: tuple[str, ...]) -> tuple[Path, str]:
+    """The dataset folder for a ``root`` given by a user: ``root`` itself when ``root/marker`` exists, else
+    ``root/<name>`` for the first of the release's folder names ``inner`` (what its archive extracts to)
+    that holds ``marker``.  Returns the folder and a one-line description of the layout found; when
+    neither matches, ``root`` unchanged (the loader then says what is missing).
+    """
+    root = Path(root).resolve()
+    if (root / marker).exists():
+        return root, f"dataset folder given directly ({root.name}/{marker})"
+    for name in inner:
+        if (root / name / marker).exists():
+            return root / name, f"parent folder given: using {name}/ inside it"
+    return root, "no known layout found"
+
+
 @dataclass
 class SplitTable:
     """One split of a group-labelled image dataset.
@@ -43,7 +58,7 @@ class GroupDataset:
     group_names: list[str]
     splits: dict[str, SplitTable]
     version: str  # hash of the metadata files: part of every feature-cache key
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # e.g. "layout": which on-disk layout the reader found
 
     @property
     def n_classes(self) -> int:

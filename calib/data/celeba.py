@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from calib.data.base import SPLITS, DatasetLayoutError, GroupDataset, SplitTable
+from calib.data.base import SPLITS, DatasetLayoutError, GroupDataset, SplitTable, find_layout_root
 
 TARGET, SPURIOUS = "Blond_Hair", "Male"
+INNER_FOLDERS = ("celeba", "CelebA", "celeba-dataset")  # folder names the archives extract to
 CLASS_NAMES = ["person with dark hair", "person with blond hair"]
 ATTR_NAMES = ["female", "male"]
 GROUP_NAMES = ["dark hair/female", "dark hair/male", "blond/female", "blond/male"]
@@ -80,7 +81,9 @@ def _image_dir(root: Path) -> Path:
 
 def load_celeba(root: Path, check_files: bool = True, name: str = "celeba") -> GroupDataset:
     """Load CelebA split tables (either layout); raise :class:`DatasetLayoutError` on any problem."""
-    root = Path(root).resolve()
+    root, layout = find_layout_root(root, "list_eval_partition.txt", INNER_FOLDERS)
+    if layout.startswith("no known"):
+        root, layout = find_layout_root(root, "list_eval_partition.csv", INNER_FOLDERS)
     if not root.is_dir():
         raise _fail(root, "the folder does not exist")
     if (root / "list_attr_celeba.txt").is_file() and (root / "list_eval_partition.txt").is_file():
@@ -134,5 +137,5 @@ def load_celeba(root: Path, check_files: bool = True, name: str = "celeba") -> G
         group_names=list(GROUP_NAMES),
         splits=splits,
         version=h.hexdigest()[:16],
-        extra={"layout": "original" if meta_files[0].suffix == ".txt" else "kaggle"},
+        extra={"layout": ("original" if meta_files[0].suffix == ".txt" else "kaggle") + f"; {layout}"},
     )

@@ -6,6 +6,7 @@ Layout (``CheXpert-v1.0-small``, registration required at the Stanford AIMI site
     <root>/train/patientXXXXX/...jpg        Path is "CheXpert-v1.0-small/train/patient.../view1_frontal.jpg"
     <root>/CHEXPERT DEMO.csv (or .xlsx, or in the parent folder)   PATIENT, PRIMARY_RACE, ... (distributed separately)
 
+``<root>`` may also be the parent holding ``CheXpert-v1.0-small/`` (the demographics table may sit there).
 y = No Finding (1 vs blank / 0 / -1); sex from ``Sex`` (rows with another value are dropped); race
 from ``PRIMARY_RACE``: White, Black or Other (any other value; patients without a record are
 dropped).  Attribute ``a`` = 3 * sex + race (6 values, 12 groups) or sex only (``chexpert-sex``,
@@ -22,8 +23,9 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from calib.data.base import DatasetLayoutError, GroupDataset, SplitTable
+from calib.data.base import DatasetLayoutError, GroupDataset, SplitTable, find_layout_root
 
+INNER_FOLDER = "CheXpert-v1.0-small"  # what the archive extracts to; its parent is accepted as --root
 RACES = ["White", "Black", "Other"]
 SEXES = ["Female", "Male"]
 DEMO_NAMES = ("CHEXPERT DEMO.csv", "CHEXPERT DEMO.xlsx")
@@ -76,7 +78,7 @@ def load_chexpert(
     root: Path, check_files: bool = True, name: str = "chexpert", attribute: str = "sex_race"
 ) -> GroupDataset:
     """Load CheXpert split tables; ``attribute`` is ``"sex_race"`` (12 groups) or ``"sex"`` (4 groups)."""
-    root = Path(root).resolve()
+    root, layout = find_layout_root(root, "train.csv", (INNER_FOLDER,))
     if not root.is_dir():
         raise _fail(root, "the folder does not exist")
     frames = []
@@ -143,4 +145,5 @@ def load_chexpert(
         group_names=[f"{c}/{an}" for c in ("finding", "no finding") for an in attr_names],
         splits=splits,
         version=h.hexdigest()[:16] + f"-{attribute}",
+        extra={"layout": layout},
     )

@@ -5,6 +5,8 @@ Layout (``MetaShift-Cat-Dog-indoor-outdoor``)::
     <root>/train/cat/cat(indoor)/*.jpg     <root>/train/dog/dog(outdoor)/*.jpg
     <root>/test/cat/cat(outdoor)/*.jpg     <root>/test/dog/dog(indoor)/*.jpg
 
+``<root>`` may also be its parent, SubpopBench's data folder holding ``MetaShift-Cat-Dog-indoor-outdoor/``.
+
 y: cat = 1, dog = 0; a: indoor = 1, outdoor = 0; g = 2*y + a.
 
 Split rule (explicit, as SubpopBench re-splits the folders): all images of the four folders are
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calib.data.base import DatasetLayoutError, GroupDataset, SplitTable
+from calib.data.base import DatasetLayoutError, GroupDataset, SplitTable, find_layout_root
 
 FOLDERS = {  # relative folder -> (y, a)
     "train/cat/cat(indoor)": (1, 1),
@@ -28,6 +30,7 @@ FOLDERS = {  # relative folder -> (y, a)
     "test/cat/cat(outdoor)": (1, 0),
     "test/dog/dog(indoor)": (0, 1),
 }
+INNER_FOLDER = "MetaShift-Cat-Dog-indoor-outdoor"
 SPLIT_SEED, TEST_FRACTION, VAL_FRACTION = 42, 0.25, 0.10
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 CLASS_NAMES = ["dog", "cat"]
@@ -37,10 +40,11 @@ GROUP_NAMES = ["dog/outdoor", "dog/indoor", "cat/outdoor", "cat/indoor"]
 
 def load_metashift(root: Path, check_files: bool = True, name: str = "metashift") -> GroupDataset:
     """Load MetaShift cats/dogs with calib's explicit re-split (see the module docstring)."""
-    root = Path(root).resolve()
+    root, layout = find_layout_root(root, next(iter(FOLDERS)), (INNER_FOLDER,))
     hint = (
         f"Expected {root} to hold {', '.join(FOLDERS)} (MetaShift-Cat-Dog-indoor-outdoor, built by the MetaShift "
-        "repository's dataset_generation script, or as distributed by SubpopBench)."
+        f"repository's dataset_generation script, or as distributed by SubpopBench), or its parent holding "
+        f"{INNER_FOLDER}/."
     )
     if not root.is_dir():
         raise DatasetLayoutError(f"MetaShift layout problem: {root} does not exist.\n{hint}")
@@ -74,4 +78,5 @@ def load_metashift(root: Path, check_files: bool = True, name: str = "metashift"
         group_names=list(GROUP_NAMES),
         splits=splits,
         version=version,
+        extra={"layout": layout},
     )

@@ -5,6 +5,7 @@ Layout (``waterbird_complete95_forest2water2`` or WILDS ``waterbirds_v1.0``)::
     <root>/metadata.csv        img_id,img_filename,y,split,place,place_filename
     <root>/<img_filename>      e.g. 001.Black_footed_Albatross/Black_Footed_Albatross_0046_18.jpg
 
+``<root>`` may also be the folder the archive was extracted in, holding one of those two folders.
 ``y``: 1 = waterbird; ``place``: 1 = water; ``split``: 0 train, 1 val, 2 test; group g = 2*y + place.
 The built-in toy benchmark (:mod:`calib.data.toy`) is written in this same layout.
 """
@@ -16,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from calib.data.base import SPLITS, DatasetLayoutError, GroupDataset, SplitTable
+from calib.data.base import SPLITS, DatasetLayoutError, GroupDataset, SplitTable, find_layout_root
 from calib.utils import file_hash
 
+INNER_FOLDERS = ("waterbird_complete95_forest2water2", "waterbirds_v1.0")  # what the two archives extract to
 COLUMNS = ("img_id", "img_filename", "y", "split", "place", "place_filename")
 CLASS_NAMES = ["landbird", "waterbird"]
 ATTR_NAMES = ["land", "water"]
@@ -79,7 +81,7 @@ def load_waterbirds(root: Path, check_files: bool = True, name: str = "waterbird
 
     With ``check_files`` every listed image must exist; the first few missing ones are named.
     """
-    root = Path(root).resolve()
+    root, layout = find_layout_root(root, "metadata.csv", INNER_FOLDERS)
     df = read_metadata(root)
     if check_files:
         missing = missing_images(root, df)
@@ -105,4 +107,5 @@ def load_waterbirds(root: Path, check_files: bool = True, name: str = "waterbird
         group_names=list(GROUP_NAMES),
         splits=splits,
         version=file_hash(root / "metadata.csv"),
+        extra={"layout": layout},
     )
