@@ -1,7 +1,7 @@
 """Command line: ``python -m calib <command>`` (also installed as ``calib``).
 
     python -m calib data make-toy --root DIR [--scale 1.0] [--seed 0] [--overwrite]
-    python -m calib data check --dataset waterbirds --root DIR [--json]
+    python -m calib data check --dataset waterbirds --root DIR [--decode] [--json]
     python -m calib data download --dataset waterbirds --root DIR [--source URL|FILE] [--sha256 HEX]
     python -m calib list methods [--json]
     python -m calib toy-clip [--preset toy|toy-quick]
@@ -62,11 +62,20 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from calib.data import LOADERS, load_dataset
+    from calib.data import LOADERS, DatasetLayoutError, load_dataset
 
     if args.dataset not in LOADERS:
         raise ValueError(f"unknown dataset {args.dataset!r}; known: {sorted(LOADERS)}")
     ds = load_dataset(args.dataset, Path(args.root), check_files=True)
+    if args.decode:
+        bad = ds.undecodable(progress=not args.json)
+        if bad:
+            shown = "\n".join(f"  {p}: {why}" for p, why in bad[:10])
+            more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+            raise DatasetLayoutError(
+                f"{len(bad)} of {sum(len(t) for t in ds.splits.values())} images cannot be decoded "
+                f"(corrupted or truncated); replace them:\n{shown}{more}"
+            )
     counts = ds.group_counts()
     if args.json:
         print(
@@ -76,6 +85,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
                     "root": str(ds.root),
                     "version": ds.version,
                     "layout": ds.extra.get("layout"),
+                    "decoded": bool(args.decode),
                     "ok": True,
                     "splits": {
                         s: {"n": int(sum(c)), "groups": dict(zip(ds.group_names, c))} for s, c in counts.items()
@@ -86,7 +96,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
         )
         return 0
     width = max(len(g) for g in ds.group_names)
-    print(f"{ds.name} at {ds.root} (metadata version {ds.version}): layout OK")
+    print(
+        f"{ds.name} at {ds.root} (metadata version {ds.version}): layout OK"
+        + (", every image decodes" if args.decode else " (images not decoded; --decode checks them)")
+    )
     if ds.extra.get("layout"):
         print(f"layout: {ds.extra['layout']}")
     print(f"{'group':<{width}}  " + "  ".join(f"{s:>7}" for s in counts))
@@ -150,16 +163,14 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _parse_options(pairs: list[str] | None) -> dict:
-    """``["epochs=3", "scaler=val"]`` -> ``{"epochs": 3, "scaler": "val"}`` (values parsed as JSON when possible)."""
+    """``["epochs=3", "scaler=val"]`` -> ``{"epochs": "3", "scaler": "val"}``: values stay strings;
+    :func:`calib.methods.make_options` parses each to its option's declared type."""
     out = {}
     for pair in pairs or []:
         if "=" not in pair:
             raise ValueError(f"--option expects KEY=VALUE, got {pair!r}")
         key, value = pair.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
+        out[key] = value
     return out
 
 
@@ -317,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--dataset", required=True, help="dataset name, e.g. waterbirds")
     ck.add_argument("--root", required=True, help="dataset folder")
     ck.add_argument("--json", action="store_true", help="machine-readable output")
+    ck.add_argument("--decode", action="store_true", help="also decode every image (slow; finds corrupted files)")
     ck.set_defaults(func=_cmd_check)
 
     dl = data.add_parser("download", help="download and extract a dataset with a public source (waterbirds)")
@@ -427,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     from calib.data import DatasetLayoutError
     from calib.download import DownloadError
     from calib.models import WeightsUnavailableError
+    from calib.utils import OutputNotWritableError
 
     try:
         return args.func(args)
@@ -434,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         DatasetLayoutError,
         WeightsUnavailableError,
         DownloadError,
+        OutputNotWritableError,
         ValueError,
         FileNotFoundError,
     ) as err:  # incl. EmbeddingsFileError

@@ -177,7 +177,7 @@ def run_experiment(
                 )
             )
             if write:  # one row at a time: an interrupted experiment resumes where it stopped
-                append_rows([rows[-1]], path)
+                append_rows([rows[-1]], path, dedupe=reuse)  # another process may have just written this run
     return pd.DataFrame.from_records([flatten_row(r) for r in rows])
 
 

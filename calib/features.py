@@ -7,15 +7,19 @@ attribute ``a``, group ``g`` and image id.  Every method then runs on cached arr
 Cache entries are keyed by a hash of (model name, weights fingerprint, preprocessing, dataset,
 dataset version, split, format version): a cache made for another model, preprocessing or
 dataset version is never picked up.  Each entry is written to a temporary file and renamed when
-complete, so an interrupted extraction never leaves a file that looks valid.
+complete, so an interrupted extraction never leaves a file that looks valid; each stores a checksum of
+its arrays, and a file that cannot be opened or fails it (truncated, edited by hand) is reported and
+rebuilt.  Non-finite features stop with :class:`NonFiniteFeaturesError` before they are cached.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +36,48 @@ from calib.utils import atomic_write_bytes, stable_hash
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when what is cached changes
+FORMAT_VERSION = 2  # bump when what is cached changes (2: a checksum of the arrays)
+CACHED_ARRAYS = ("h", "z", "y", "a", "g", "ids")
+
+
+class NonFiniteFeaturesError(ValueError):
+    """Features hold NaN or infinity; the message says where they came from and which rows."""
+
+
+class CacheCorruptError(RuntimeError):
+    """A feature-cache file cannot be opened or fails its checksum (it is rebuilt)."""
+
+
+def check_finite(splits: dict[str, SplitFeatures], source: str, text: np.ndarray | None = None) -> None:
+    """Raise :class:`NonFiniteFeaturesError` if any split's ``z`` or ``h`` (or ``text``) is not finite.
+
+    ``source`` names where the features came from (a cache file, an npz, a model) for the message.
+    """
+    for split, feats in splits.items():
+        for name in ("z", "h"):
+            x = getattr(feats, name)
+            if x is None:
+                continue
+            bad = ~np.isfinite(np.asarray(x, dtype=np.float64)).all(axis=1)
+            if bad.any():
+                rows = np.flatnonzero(bad)
+                raise NonFiniteFeaturesError(
+                    f"{source}: {len(rows)} of {len(x)} {split} rows of {name!r} hold NaN or infinity "
+                    f"(first rows {rows[:5].tolist()}); no method can use them. Re-extract the features, or "
+                    "check the weights (a broken checkpoint, or overflow under bf16 autocast: try amp=False)."
+                )
+    if text is not None and not np.isfinite(text).all():
+        raise NonFiniteFeaturesError(f"{source}: the text prototypes hold NaN or infinity")
+
+
+def array_checksum(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of ``arrays`` (in name order)."""
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        a = np.ascontiguousarray(arrays[k])
+        h.update(f"{k}:{a.dtype.str}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 @dataclass
@@ -108,6 +153,17 @@ class ImageFiles(Dataset):
         return self.preprocess(img), i
 
 
+def one_line_error(err: BaseException) -> str:
+    """The message of ``err`` without a DataLoader worker's traceback (its last line, minus the type prefix)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    if not lines:
+        return type(err).__name__
+    last = lines[-1]
+    for prefix in (f"{type(err).__module__}.{type(err).__name__}: ", f"{type(err).__name__}: "):
+        last = last.removeprefix(prefix)
+    return last
+
+
 def resolve_amp(loaded: LoadedClip, amp: bool | None) -> bool:
     """Whether extraction runs under bf16 autocast: ``amp`` if given, else on for CUDA only."""
     return torch.device(loaded.device).type == "cuda" if amp is None else bool(amp)
@@ -135,26 +191,26 @@ def cache_path(key: dict, cache_dir: Path | None = None) -> Path:
 
 
 def _save(path: Path, key: dict, feats: SplitFeatures) -> None:
+    arrays = {k: getattr(feats, k) for k in CACHED_ARRAYS}
     buf = io.BytesIO()
-    np.savez(
-        buf,
-        h=feats.h,
-        z=feats.z,
-        y=feats.y,
-        a=feats.a,
-        g=feats.g,
-        ids=feats.ids,
-        key=np.array(json.dumps(key, sort_keys=True)),
-    )
+    np.savez(buf, **arrays, key=np.array(json.dumps(key, sort_keys=True)), checksum=np.array(array_checksum(arrays)))
     atomic_write_bytes(path, buf.getvalue())
 
 
 def _load(path: Path, key: dict) -> SplitFeatures:
-    with np.load(path, allow_pickle=False) as f:
-        stored = json.loads(str(f["key"]))
-        if stored != key:
-            raise RuntimeError(f"feature cache {path} was made for {stored}, not {key}; delete it")
-        return SplitFeatures(h=f["h"], z=f["z"], y=f["y"], a=f["a"], g=f["g"], ids=f["ids"])
+    """Read a cache file; :class:`CacheCorruptError` when it cannot be opened or fails its checksum."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            stored = json.loads(str(f["key"]))
+            arrays = {k: f[k] for k in CACHED_ARRAYS}
+            checksum = str(f["checksum"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise CacheCorruptError(f"feature cache {path} cannot be opened ({type(err).__name__}: {err})") from err
+    if stored != key:
+        raise RuntimeError(f"feature cache {path} was made for {stored}, not {key}; delete it")
+    if array_checksum(arrays) != checksum:
+        raise CacheCorruptError(f"feature cache {path} fails its checksum (edited or damaged)")
+    return SplitFeatures(**arrays)
 
 
 def default_num_workers() -> int:
@@ -213,11 +269,15 @@ def extract_split(
         persistent_workers=False,
     )
     parts = []
-    for x, idx in tqdm(loader, desc=desc, unit="batch", mininterval=2, disable=rank != 0):
-        x = x.to(device, non_blocking=True)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            h, z = encode_pre_projection(loaded.model, x)
-        parts.append((idx.numpy(), h.float().cpu().numpy(), z.float().cpu().numpy()))
+    try:
+        for x, idx in tqdm(loader, desc=desc, unit="batch", mininterval=2, disable=rank != 0):
+            x = x.to(device, non_blocking=True)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+                h, z = encode_pre_projection(loaded.model, x)
+            parts.append((idx.numpy(), h.float().cpu().numpy(), z.float().cpu().numpy()))
+    except DatasetLayoutError as err:
+        # a DataLoader worker re-raises with its whole traceback in the message: keep the one line that matters
+        raise DatasetLayoutError(one_line_error(err)) from None
     if world > 1:
         import torch.distributed as dist
 
@@ -241,9 +301,14 @@ def get_split_features(
     key = cache_key(loaded, dataset, split, amp=extract_kwargs.get("amp"))
     path = cache_path(key, cache_dir)
     if path.is_file():
-        log.info("features %s/%s from cache %s", dataset.name, split, path.name)
-        return _load(path, key)
+        try:
+            feats = _load(path, key)
+            log.info("features %s/%s from cache %s", dataset.name, split, path.name)
+            return feats
+        except CacheCorruptError as err:
+            log.warning("%s; rebuilding it", err)
     feats = extract_split(loaded, dataset.splits[split], desc=f"{dataset.name}/{split}", **extract_kwargs)
+    check_finite({split: feats}, f"{loaded.name} ({loaded.pretrained}) on {dataset.name}")
     rank, world = dist_info()
     if rank == 0:  # one writer; the others wait so nobody reads a half-written cache
         _save(path, key, feats)

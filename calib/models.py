@@ -43,6 +43,10 @@ class WeightsUnavailableError(RuntimeError):
     """Pretrained weights are neither on disk nor downloadable; the message says what to fetch."""
 
 
+class CheckpointError(ValueError):
+    """A local weights file exists but cannot be read as this model's weights; the message names the file."""
+
+
 class UnsupportedModelError(ValueError):
     """The image tower is of a kind whose final linear map calib does not know how to split."""
 
@@ -203,9 +207,20 @@ def load_clip(
     with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
         if seed is not None:
             torch.manual_seed(seed)
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            ident, pretrained=weights, device=device, cache_dir=cache_dir, **model_kwargs
-        )
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                ident, pretrained=weights, device=device, cache_dir=cache_dir, **model_kwargs
+            )
+        except Exception as err:
+            local = next((p for p in (weights, ident) if p and Path(str(p).removeprefix("local-dir:")).exists()), None)
+            if local is None:
+                raise
+            detail = (str(err).strip().splitlines() or [""])[0][:200]
+            raise CheckpointError(
+                f"cannot read the weights file {local} for model {name!r} ({type(err).__name__}: {detail}). "
+                "Expected an open_clip / OpenAI checkpoint (.pt, .bin, a state dict) or a .safetensors file saved "
+                f"from a {name!r} model; a truncated download or another architecture gives this error."
+            ) from err
     model.eval()
     tokenizer = open_clip.get_tokenizer(ident)
     return LoadedClip(

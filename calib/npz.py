@@ -61,6 +61,11 @@ def load_npz(path: Path) -> FeatureSet:
                 raise _fail(path, f"{name} must hold integers; got dtype {arr.dtype}")
             if len(arr) and arr.min() < 0:
                 raise _fail(path, f"{name} has negative labels")
+        if not np.isfinite(x).all():
+            rows = np.flatnonzero(~np.isfinite(x).all(axis=1))
+            raise _fail(
+                path, f"embeddings_{split} holds NaN or infinity in {len(rows)} row(s), first {rows[:5].tolist()}"
+            )
         if dim is not None and x.shape[1] != dim:
             raise _fail(path, f"embeddings_{split} has {x.shape[1]} dims, other splits {dim}")
         dim = x.shape[1]
@@ -81,6 +86,7 @@ def load_npz(path: Path) -> FeatureSet:
             "weights": file_hash(path),
             "dataset_version": file_hash(path),
             "device": "cpu",
+            "source": str(path),
         },
     )
 

@@ -22,11 +22,14 @@ def use_style() -> None:
 
 def save_figure(fig: plt.Figure, name: str, figures_dir: Path | None = None) -> tuple[Path, Path]:
     """Write ``<figures_dir>/<name>.pdf`` and ``.png``; identical bytes for identical figures."""
+    from calib.utils import writing_to
+
     out = Path(figures_dir or paths.figures_dir())
-    out.mkdir(parents=True, exist_ok=True)
     pdf, png = out / f"{name}.pdf", out / f"{name}.png"
-    fig.savefig(pdf, metadata={"CreationDate": None, "ModDate": None, "Producer": None, "Creator": None})
-    fig.savefig(png, metadata={"Software": None})
+    with writing_to(pdf):
+        out.mkdir(parents=True, exist_ok=True)
+        fig.savefig(pdf, metadata={"CreationDate": None, "ModDate": None, "Producer": None, "Creator": None})
+        fig.savefig(png, metadata={"Software": None})
     log.info("saved %s and %s", pdf, png)
     return pdf, png
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import os
 import platform
 import subprocess
 from collections.abc import Iterable
@@ -21,7 +22,7 @@ import pandas as pd
 
 from calib import paths
 from calib.metrics import mean_std
-from calib.utils import stable_hash
+from calib.utils import locked, stable_hash, writing_to
 
 log = logging.getLogger(__name__)
 
@@ -120,16 +121,57 @@ def results_path(experiment: str, results_dir: Path | None = None) -> Path:
     return Path(results_dir or paths.results_dir()) / f"{experiment}.jsonl"
 
 
-def append_rows(rows: Iterable[dict[str, Any]], path: Path) -> int:
-    """Append rows to a JSONL file (one ``write`` per row, flushed); returns how many."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with open(path, "a", encoding="utf-8") as f:
+ROW_IDENTITY = (
+    "experiment",
+    "dataset",
+    "model",
+    "pretrained",
+    "method",
+    "variant",
+    "seed",
+    "options_hash",
+    "weights",
+    "dataset_version",
+    "code",
+)
+
+
+def row_identity(row: dict[str, Any]) -> tuple:
+    """What makes two rows the same run: the same method, seed and options on the same features and code."""
+    return tuple(json.dumps(row.get(k), sort_keys=True, default=_json_default) for k in ROW_IDENTITY)
+
+
+def append_rows(rows: Iterable[dict[str, Any]], path: Path, dedupe: bool = False) -> int:
+    """Append rows to a JSONL file under an exclusive lock; returns how many were written.
+
+    Concurrent writers (two ``run_experiment`` calls on one experiment) never interleave lines, and
+    with ``dedupe`` a row whose run (:func:`row_identity`) is already in the file is not written again
+    (without it a re-run is appended and the newest row wins in :func:`load_results`).
+    A read-only or full output folder raises :class:`calib.utils.OutputNotWritableError`.
+    """
+    path = Path(path)
+    with writing_to(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with locked(path), writing_to(path):
+        seen = {row_identity(r) for r in read_rows(path)} if dedupe and path.is_file() else set()
+        lines = []
         for row in rows:
-            f.write(json.dumps(row, sort_keys=True, default=_json_default) + "\n")
-            n += 1
-        f.flush()
-    return n
+            ident = row_identity(row)
+            if dedupe and ident in seen:
+                log.info(
+                    "%s: a row for this run (%s seed %s) is already there; not written twice",
+                    path.name,
+                    row.get("method"),
+                    row.get("seed"),
+                )
+                continue
+            seen.add(ident)
+            lines.append(json.dumps(row, sort_keys=True, default=_json_default) + "\n")
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("".join(lines))
+            f.flush()
+            os.fsync(f.fileno())
+    return len(lines)
 
 
 def _json_default(obj: Any) -> Any:

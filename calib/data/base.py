@@ -71,3 +71,19 @@ class GroupDataset:
     def group_counts(self) -> dict[str, list[int]]:
         """Per split, the number of images in each group (index = group id)."""
         return {s: np.bincount(t.g, minlength=self.n_groups).tolist() for s, t in self.splits.items()}
+
+    def undecodable(self, progress: bool = True) -> list[tuple[Path, str]]:
+        """Decode every image of every split (as feature extraction will); ``(path, reason)`` for each failure."""
+        from PIL import Image
+        from tqdm.auto import tqdm
+
+        files = [p for t in self.splits.values() for p in t.paths]
+        bad = []
+        for path in tqdm(files, desc=f"decoding {self.name}", unit="img", mininterval=1, disable=not progress):
+            try:
+                with Image.open(path) as im:
+                    im.load()
+                    im.convert("RGB")
+            except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+                bad.append((path, f"{type(err).__name__}: {err}"))
+        return bad

@@ -16,8 +16,11 @@ A method is a class with
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
+import types
+import typing
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -82,14 +85,92 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) if typing.get_origin(hint) is None else str(hint).replace("typing.", "")
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def coerce_option(hint: Any, value: Any) -> Any:
+    """``value`` as the declared type ``hint`` (int, float, bool, str, ``X | None``, ``tuple[X, ...]``).
+
+    Strings (from ``--option KEY=VALUE``) are parsed; other values must already fit.  Raises ``TypeError``.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce_option(arg, value)
+            except TypeError:
+                pass
+        raise TypeError(value)
+    if hint in (tuple, list) or origin in (tuple, list):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip().startswith("[") else value.split(",")
+            except json.JSONDecodeError as err:
+                raise TypeError(value) from err
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(value)
+        item = args[0] if args else Any
+        return tuple(coerce_option(item, v) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+            return value.lower() in _TRUE
+        raise TypeError(value)
+    if hint is int:
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError as err:
+                raise TypeError(value) from err
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(value)
+        return int(value)
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError as err:
+                raise TypeError(value) from err
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise TypeError(value)
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise TypeError(value)
+        return value
+    return value
+
+
 def make_options(name: str, overrides: dict[str, Any] | None = None) -> Any:
-    """The ``Options`` of method ``name`` with ``overrides`` applied; unknown keys are an error."""
+    """The ``Options`` of method ``name`` with ``overrides`` applied.
+
+    Unknown keys are an error; each value is converted to the option's declared type (strings such as
+    ``"3"`` or ``"true"`` from the command line are parsed), and a value that does not fit names the option
+    and the type it expects.
+    """
     cls = get_method_class(name)
     overrides = dict(overrides or {})
     known = {f.name for f in fields(cls.Options)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"method {name!r} has no option(s) {unknown}; its options: {sorted(known)}")
+    hints = typing.get_type_hints(cls.Options)
+    for key, value in overrides.items():
+        try:
+            overrides[key] = coerce_option(hints.get(key, Any), value)
+        except TypeError:
+            raise ValueError(
+                f"option {key!r} of method {name!r} expects {_type_name(hints[key])}, got {value!r}"
+            ) from None
     return cls.Options(**overrides)
 
 
@@ -133,7 +214,14 @@ class MethodRun:
 
 
 def check_inputs(name: str, uses: tuple[str, ...], data: FeatureSet) -> None:
-    """Raise a clear error when ``data`` lacks something method ``name`` uses."""
+    """Raise a clear error when ``data`` lacks something method ``name`` uses, or holds NaN / infinity."""
+    from calib.features import check_finite
+
+    check_finite(
+        data.splits,
+        data.meta.get("source") or f"features of {data.meta.get('dataset', '?')} / {data.meta.get('model', '?')}",
+        data.text,
+    )
     if "h" in uses and any(s.h is None for s in data.splits.values()):
         raise ValueError(
             f"method {name!r} trains the image projection and needs pre-projection features (h); "

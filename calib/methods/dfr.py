@@ -109,7 +109,7 @@ def tune_c(
 
 @dataclass
 class DFROptions:
-    C_grid: tuple = C_GRID  # inverse L1 strengths tried in tuning (DFR's grid)
+    C_grid: tuple[float, ...] = C_GRID  # inverse L1 strengths tried in tuning (DFR's grid)
     n_retrains: int = 20  # balanced fits averaged in the final model
     scaler: str = "train"  # standardise with training ("train", original repo) or validation ("val") embeddings
 
