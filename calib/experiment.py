@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from calib import paths
@@ -172,6 +173,7 @@ def run_experiment(
                         "dataset_version": features.meta.get("dataset_version"),
                         "code": code_hash(),
                         "calibration_groups": getattr(run.instance, "calibration_groups", None),
+                        "correct": _correct_bits(run, features),
                         **({"history": run.history} if spec.history else {}),
                     },
                 )
@@ -179,6 +181,18 @@ def run_experiment(
             if write:  # one row at a time: an interrupted experiment resumes where it stopped
                 append_rows([rows[-1]], path, dedupe=reuse)  # another process may have just written this run
     return pd.DataFrame.from_records([flatten_row(r) for r in rows])
+
+
+def _correct_bits(run, features: FeatureSet) -> dict[str, str]:
+    """Which test samples the run got right, packed (:func:`calib.stats.pack_correct`; bootstrap intervals)."""
+    from calib.stats import pack_correct
+
+    out = {}
+    for split in ("test",):
+        if split in run.predictions and split in features.splits:
+            s = features.splits[split]
+            out[split] = pack_correct(np.asarray(run.predictions[split]) == s.y, s.g)
+    return out
 
 
 def epoch_options(epochs: int) -> dict[str, dict[str, Any]]:

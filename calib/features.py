@@ -254,7 +254,7 @@ def extract_split(
 
     Under torch.distributed the batches are sharded across processes and gathered on every rank.
     """
-    from tqdm.auto import tqdm
+    from calib.utils import progress as tqdm
 
     device = torch.device(loaded.device)
     amp = resolve_amp(loaded, amp)

@@ -42,37 +42,53 @@ def geometry_figure(
     seed: int = 0,
 ) -> plt.Figure:
     """2x2 panels: PCA of embeddings before / after, coloured by class (top) and by spurious attribute (bottom)."""
+    import seaborn as sns
+
     use_style()
     rng = np.random.default_rng(seed)
     keep = rng.permutation(len(y))[:max_points]
-    fig, axes = plt.subplots(2, 2, figsize=(8, 7))
+    fig, axes = plt.subplots(2, 2, figsize=(8.8, 7))
     for col, (title, emb) in enumerate((("before (pretrained projection)", before), ("after CFR", after))):
         pts = project_2d(emb, seed)[keep]
         for row, (labels, names, what) in enumerate(
             ((y[keep], class_names, "class"), (a[keep], attr_names, "spurious attribute"))
         ):
             ax = axes[row, col]
-            for k, name in enumerate(names):
-                m = labels == k
-                ax.scatter(pts[m, 0], pts[m, 1], s=4, alpha=0.5, label=name)
+            hue = np.asarray(names, dtype=object)[labels]
+            sns.scatterplot(
+                x=pts[:, 0],
+                y=pts[:, 1],
+                hue=hue,
+                hue_order=list(names),
+                s=6,
+                alpha=0.5,
+                linewidth=0,
+                ax=ax,
+                legend=col == 1,
+            )
             ax.set_title(f"{title}\ncoloured by {what}", fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
             ax.grid(False)
-            ax.legend(markerscale=3, loc="best", fontsize=8)
+            if col == 1:  # one legend per row, outside the data
+                sns.move_legend(
+                    ax, "upper left", bbox_to_anchor=(1.01, 1.0), markerscale=2, fontsize=8, frameon=False, title=what
+                )
     fig.tight_layout()
     return fig
 
 
 def composition_figure(counts: list[int], train_counts: list[int], group_names: list[str]) -> plt.Figure:
     """Per-group size of the calibration set next to the share of each training group it holds."""
+    import seaborn as sns
+
     use_style()
     counts, train_counts = np.asarray(counts), np.asarray(train_counts)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 3))
-    ax1.bar(group_names, counts)
+    sns.barplot(x=list(group_names), y=counts, ax=ax1, color="C0")
     ax1.set_ylabel("calibration samples")
     ax1.set_title(f"calibration set ({counts.sum()} samples)")
-    ax2.bar(group_names, 100 * counts / np.maximum(train_counts, 1))
+    sns.barplot(x=list(group_names), y=100 * counts / np.maximum(train_counts, 1), ax=ax2, color="C0")
     ax2.set_ylabel("% of the training group")
     ax2.set_title("share of each training group")
     for ax in (ax1, ax2):

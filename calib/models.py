@@ -21,6 +21,7 @@ and ``z``; :func:`projection_params` returns ``W`` (``[d_h, d]``) and ``b`` (``[
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 from calib.toyclip import ASSETS, TOY_MODEL_NAME, TOY_PRESETS, ensure_toy_clip, register_calib_models  # noqa: F401
+from calib.utils import expected_random_init
 
 log = logging.getLogger(__name__)
 
@@ -207,10 +209,12 @@ def load_clip(
     with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
         if seed is not None:
             torch.manual_seed(seed)
+        quiet = expected_random_init() if seed is not None else contextlib.nullcontext()
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                ident, pretrained=weights, device=device, cache_dir=cache_dir, **model_kwargs
-            )
+            with quiet:  # random:N asks for random weights: open_clip's warning about them is expected
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    ident, pretrained=weights, device=device, cache_dir=cache_dir, **model_kwargs
+                )
         except Exception as err:
             local = next((p for p in (weights, ident) if p and Path(str(p).removeprefix("local-dir:")).exists()), None)
             if local is None:

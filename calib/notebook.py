@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from calib.utils import default_device, setup_logging
+from calib.utils import default_device, setup_logging, use_plain_progress
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ DRIVE_HOME = "/content/drive/MyDrive/calib"  # data, caches, results and figures
 
 
 def setup(colab_drive: bool = False, level: int = logging.INFO) -> str:
-    """Configure logging and calib's figure style; return the device ("cuda" or "cpu").
+    """Configure logging (plain stdout lines), text progress bars, calib's figure style; return the device.
 
     In Colab: with ``colab_drive`` mount Google Drive and keep data, caches, results and figures in
     ``MyDrive/calib`` (they survive the runtime); without a GPU, warn that real backbones will be slow.
@@ -29,7 +29,8 @@ def setup(colab_drive: bool = False, level: int = logging.INFO) -> str:
 
     from calib.plots import use_style
 
-    setup_logging(level)
+    setup_logging(level, notebook=True)
+    use_plain_progress()
     use_style()
     if colab_drive and in_colab():
         from google.colab import drive  # type: ignore[import-not-found]

@@ -56,61 +56,92 @@ def example_grid(dataset, split: str = "train", per_group: int = 6, seed: int = 
     return fig
 
 
+def _legend_outside(ax: plt.Axes, title: str | None = None) -> None:
+    """Move the legend right of the axes, where it covers no data."""
+    import seaborn as sns
+
+    if ax.get_legend() is not None:
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1.0), title=title, frameon=False)
+
+
 def group_accuracy_bars(
     df: pd.DataFrame, group_names: list[str], methods: list[str] | None = None, split: str = "test", title: str = ""
 ) -> plt.Figure:
-    """Per-group accuracy (mean ± std over seeds) of each method, from result rows.
+    """Per-group accuracy of each method (seaborn bars: mean over seeds, error bar ± 1 std over seeds).
 
-    ``df`` is :func:`calib.results.load_results` output; it needs ``method`` and ``<split>.group_acc``.
+    ``df`` is :func:`calib.results.load_results` output; it needs ``method``, ``seed`` and ``<split>.group_acc``.
+    The legend, right of the axes, gives each method's WGA (mean over seeds of each seed's worst group).
     """
+    import seaborn as sns
+
     use_style()
     methods = methods or list(dict.fromkeys(df["method"]))
-    n_g = len(group_names)
-    width = 0.8 / len(methods)
-    fig, ax = plt.subplots()
-    for k, m in enumerate(methods):
+    records = []
+    for m in methods:
         rows = df[df["method"] == m]
-        accs = np.array(rows[f"{split}.group_acc"].tolist(), dtype=float) * 100
-        mean, std = accs.mean(0), accs.std(0, ddof=1) if len(accs) > 1 else np.zeros(n_g)
-        xs = np.arange(n_g) + (k - (len(methods) - 1) / 2) * width
-        wga = rows[f"{split}.wga"].mean() * 100  # mean over seeds of each seed's worst group
-        ax.bar(xs, mean, width, yerr=std, capsize=2, label=f"{m} (WGA {wga:.1f}, {len(rows)} seeds)")
-    ax.set_xticks(np.arange(n_g), group_names, rotation=0)
+        label = f"{m} (WGA {rows[f'{split}.wga'].mean() * 100:.1f}, {len(rows)} seeds)"
+        for accs in rows[f"{split}.group_acc"]:
+            records += [{"group": g, "accuracy": 100 * float(a), "method": label} for g, a in zip(group_names, accs)]
+    long = pd.DataFrame(records)
+    fig, ax = plt.subplots(figsize=(6.4 + 0.4 * len(group_names), 3.6))
+    sns.barplot(
+        data=long,
+        x="group",
+        y="accuracy",
+        hue="method",
+        order=group_names,
+        errorbar=("sd", 1),
+        capsize=0.1,
+        err_kws={"linewidth": 1},
+        ax=ax,
+    )
+    ax.set_xlabel("")
     ax.set_ylabel(f"{split} accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.legend(loc="lower right")
+    _legend_outside(ax)
     if title:
         ax.set_title(title)
     fig.tight_layout()
     return fig
 
 
-def metric_bars(table: pd.DataFrame, label_col: str, metrics: dict[str, str], title: str = "") -> plt.Figure:
-    """Horizontal bars of ``<metric>_mean`` columns (in [0, 1]) per row of a summary table.
+def metric_bars(
+    long: pd.DataFrame,
+    label_col: str,
+    hue_col: str,
+    value_col: str = "value",
+    title: str = "",
+    xlabel: str = "test accuracy (%)",
+) -> plt.Figure:
+    """Horizontal seaborn bars of per-seed values in [0, 1] (one row per seed): the mean per ``label_col``
+    and ``hue_col`` with ± 1 std over seeds.  :func:`calib.report.long_metrics` and
+    :func:`calib.report.protocol_long` build ``long`` from result rows."""
+    import seaborn as sns
 
-    ``metrics`` maps a column prefix (e.g. ``"test.wga"``) to its legend label.
-    """
     use_style()
-    n = len(table)
-    fig, ax = plt.subplots(figsize=(6.4, 0.35 * n * len(metrics) + 1.2))
-    height = 0.8 / len(metrics)
-    for k, (col, label) in enumerate(metrics.items()):
-        ys = np.arange(n) + (k - (len(metrics) - 1) / 2) * height
-        ax.barh(
-            ys,
-            table[f"{col}_mean"].to_numpy() * 100,
-            height,
-            xerr=table.get(f"{col}_std", 0) * 100,
-            capsize=2,
-            label=label,
-        )
-    ax.set_yticks(np.arange(n), table[label_col])
-    ax.invert_yaxis()
-    ax.set_xlabel("test accuracy (%)")
+    data = long.assign(**{value_col: long[value_col] * 100})
+    labels = list(dict.fromkeys(data[label_col]))
+    hues = list(dict.fromkeys(data[hue_col]))
+    fig, ax = plt.subplots(figsize=(6.4, 0.3 * len(labels) * len(hues) + 1.2))
+    sns.barplot(
+        data=data,
+        y=label_col,
+        x=value_col,
+        hue=hue_col,
+        order=labels,
+        hue_order=hues,
+        orient="h",
+        errorbar=("sd", 1),
+        capsize=0.1,
+        err_kws={"linewidth": 1},
+        ax=ax,
+    )
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("")
     ax.set_xlim(0, 100)
     ax.grid(axis="x", alpha=0.3)
     ax.grid(axis="y", visible=False)
-    ax.legend(loc="lower right")
+    _legend_outside(ax)
     if title:
         ax.set_title(title)
     fig.tight_layout()
@@ -147,7 +178,9 @@ def cfr_dynamics(frame: pd.DataFrame, title: str = "") -> plt.Figure:
             ax.set_xlabel("epoch" if i == len(variants) - 1 else "")
             if i == 0:
                 ax.set_title(panel, fontsize=9)
-                ax.legend(fontsize=6, loc="best", frameon=False)
+                sns.move_legend(
+                    ax, "lower center", bbox_to_anchor=(0.5, 1.12), fontsize=6, frameon=False, ncol=2, title=None
+                )
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -11,6 +11,7 @@ import pandas as pd
 from calib import paths
 from calib.methods import LABEL_LEGEND, LABEL_MARKS
 from calib.results import load_results, summarize, to_latex, to_markdown
+from calib.stats import format_interval, method_intervals, paired_difference
 
 log = logging.getLogger(__name__)
 
@@ -19,8 +20,14 @@ TABLE_HEADERS = {
     "test.avg_acc": "avg acc (plain)",
     "test.avg_acc_trainw": "avg acc (train-weighted)",
     "test.wga": "worst-group acc",
+    "test.avg_acc_ci": "avg acc 95% CI",
+    "test.wga_ci": "WGA 95% CI",
     "seeds": "seeds",
 }
+CI_NOTE = (
+    "Mean ± std over seeds; 95% CI: percentile bootstrap (1000 replicates) resampling test samples within "
+    "groups and the seeds."
+)
 
 
 def with_row_labels(df: pd.DataFrame) -> pd.DataFrame:
@@ -39,7 +46,8 @@ def results_table(df: pd.DataFrame, metrics: tuple[str, ...] = TABLE_METRICS) ->
     """One row per (dataset, model, method setting): metrics as ``mean ± std`` (percent), method names marked
     by the group labels they read (see :data:`calib.methods.LABEL_LEGEND`)."""
     table = summarize(with_row_labels(df), metrics, by=("dataset", "model", "row"))
-    table["method"] = [f"{m}{LABEL_MARKS.get(n, '')}" for m, n in zip(table["row"], table.get("label_needs", ""))]
+    needs = table.get("label_needs", [""] * len(table))
+    table["method"] = [f"{m}{LABEL_MARKS.get(n, '')}" for m, n in zip(table["row"], needs)]
     return table
 
 
@@ -47,12 +55,13 @@ def render_table(
     table: pd.DataFrame, fmt: str = "markdown", caption: str = "", metrics: tuple[str, ...] = TABLE_METRICS
 ) -> str:
     """The table as ``markdown`` or ``latex``, with the label-needs legend."""
-    cols = ["dataset", "model", "method", *metrics, "seeds"]
+    cis = [c for c in ("test.avg_acc_ci", "test.wga_ci") if c in table]
+    cols = ["dataset", "model", "method", *metrics, *cis, "seeds"]
     heads = [TABLE_HEADERS.get(c, c) for c in cols]
     if fmt == "markdown":
-        return to_markdown(table, cols, heads) + f"\n{LABEL_LEGEND}\n"
+        return to_markdown(table, cols, heads) + f"\n{LABEL_LEGEND} {CI_NOTE}\n"
     if fmt == "latex":
-        return to_latex(table, cols, heads, caption=(caption + " " + LABEL_LEGEND).strip())
+        return to_latex(table, cols, heads, caption=(caption + " " + LABEL_LEGEND + " " + CI_NOTE).strip())
     raise ValueError(f"unknown table format {fmt!r}; use 'markdown' or 'latex'")
 
 
@@ -68,6 +77,15 @@ def write_tables(
     md.write_text(render(table, "markdown"))
     tex.write_text(render(table, "latex", caption))
     return md, tex
+
+
+def write_markdown(text: str, name: str, figures_dir: Path | None = None) -> Path:
+    """Write ``<figures_dir>/<name>.md`` atomically (a table a notebook rendered)."""
+    from calib.utils import atomic_write_bytes
+
+    path = Path(figures_dir or paths.figures_dir()) / f"{name}.md"
+    atomic_write_bytes(path, text.encode())
+    return path
 
 
 PROTOCOLS = (("val_wga", "paper protocol"), ("val_worst_class", "no group labels"))
@@ -88,6 +106,103 @@ TABLE_ORDER = (
 )
 
 
+def _protocol_parts(df: pd.DataFrame):
+    """Per (dataset, model, method setting): its key, its table name with label mark, all its rows, and
+    ``{protocol label: rows under that protocol}`` (methods without selection: the same rows under both;
+    methods that read validation group labels by construction: none under "no group labels")."""
+    from calib.methods import get_method_class
+
+    for (ds, model, method, row), part in with_row_labels(df).groupby(
+        ["dataset", "model", "method", "row"], sort=False
+    ):
+        needs = get_method_class(method).label_needs
+        selection = part["options"].map(lambda o: o.get("selection") if isinstance(o, dict) else None)
+        protocols = {}
+        for proto, label in PROTOCOLS:
+            sub = part[selection == proto] if selection.notna().any() else part
+            protocols[label] = sub.iloc[0:0] if proto != "val_wga" and needs == "val_groups" else sub
+        yield (ds, model, method, f"{row}{LABEL_MARKS.get(needs, '')}"), part, protocols
+
+
+def protocol_long(df: pd.DataFrame, metric: str = "test.wga", methods: tuple[str, ...] = TABLE_ORDER) -> pd.DataFrame:
+    """Per-seed ``metric`` of every method setting under each protocol, long form for
+    :func:`calib.plots.metric_bars`: columns dataset, model, method, protocol, seed, value."""
+    rank = {m: i for i, m in enumerate(methods)}
+    records = []
+    for (ds, model, method, name), _, protocols in _protocol_parts(df):
+        for label, sub in protocols.items():
+            records += [
+                {
+                    "dataset": ds,
+                    "model": model,
+                    "method": name,
+                    "protocol": label,
+                    "seed": s,
+                    "value": v,
+                    "_rank": rank.get(method, len(rank)),
+                }
+                for s, v in zip(sub["seed"], sub[metric])
+            ]
+    out = pd.DataFrame(records)
+    return out.sort_values("_rank", kind="stable").drop(columns="_rank").reset_index(drop=True) if len(out) else out
+
+
+def long_metrics(df: pd.DataFrame, label_col: str, metrics: dict[str, str]) -> pd.DataFrame:
+    """Per-seed metrics of result rows in long form for :func:`calib.plots.metric_bars`: columns
+    ``label_col``, seed, metric (the names ``metrics`` maps each column to), value."""
+    long = df.melt(id_vars=[label_col, "seed"], value_vars=list(metrics), var_name="metric", value_name="value")
+    return long.assign(metric=long["metric"].map(metrics))
+
+
+def paired_table(
+    df: pd.DataFrame, reference: str = "cfr", metric: str = "wga", methods: tuple[str, ...] = TABLE_ORDER
+) -> pd.DataFrame:
+    """``reference`` against every other method setting, paired on the same seeds and test samples: the mean
+    over shared seeds of ``metric(reference) - metric(other)`` (percentage points) with its 95% bootstrap
+    interval, per dataset, model and protocol (:func:`calib.stats.paired_difference`)."""
+    parts = list(_protocol_parts(df))
+    records = []
+    for (ds, model, method, _), _, ref_protocols in parts:
+        if method != reference:
+            continue
+        for (ds2, model2, other, name), _, protocols in parts:
+            if (ds2, model2) != (ds, model) or other == reference:
+                continue
+            for label, sub in protocols.items():
+                ref = ref_protocols.get(label)
+                result = paired_difference(ref, sub, metric) if ref is not None and len(ref) and len(sub) else None
+                records.append(
+                    {
+                        "dataset": ds,
+                        "model": model,
+                        "protocol": label,
+                        "against": name,
+                        f"Δ{metric.upper()} ({reference} − it)": "—"
+                        if result is None
+                        else f"{100 * result['diff']:+.1f}",
+                        "95% CI": "—" if result is None else format_interval(result["lo"], result["hi"]),
+                        "seeds": 0 if result is None else result["seeds"],
+                        "_rank": {m: i for i, m in enumerate(methods)}.get(other, len(methods)),
+                    }
+                )
+    out = pd.DataFrame(records)
+    if out.empty:
+        return out
+    out["_proto"] = out["protocol"].map({label: i for i, (_, label) in enumerate(PROTOCOLS)})
+    return out.sort_values(["_proto", "_rank"], kind="stable").drop(columns=["_rank", "_proto"])
+
+
+def render_paired(table: pd.DataFrame, reference: str = "cfr") -> str:
+    """The paired comparison as markdown, with what the interval means."""
+    if table.empty:
+        return f"(no {reference} rows to compare)\n"
+    return to_markdown(table) + (
+        f"\nPaired on the same seeds and test samples: each bootstrap replicate resamples test samples within "
+        f"groups and the seeds once, for {reference} and the method it is compared with. An interval that excludes "
+        "0 means the difference is larger than test-set and seed noise.\n"
+    )
+
+
 def main_table(
     df: pd.DataFrame,
     metrics: tuple[str, ...] = ("test.avg_acc", "test.wga"),
@@ -103,19 +218,11 @@ def main_table(
     need no selection appear with the same numbers in both; methods that read validation group
     labels by construction (DFR) show "—" there.  Method names carry their intrinsic label marks.
     """
-    from calib.methods import get_method_class
-
     records = []
-    for (ds, model, method, row), part in with_row_labels(df).groupby(
-        ["dataset", "model", "method", "row"], sort=False
-    ):
-        needs = get_method_class(method).label_needs
-        rec = {"dataset": ds, "model": model, "method": f"{row}{LABEL_MARKS.get(needs, '')}"}
-        selection = part["options"].map(lambda o: o.get("selection") if isinstance(o, dict) else None)
-        for proto, label in PROTOCOLS:
-            sub = part[selection == proto] if selection.notna().any() else part
-            if proto != "val_wga" and needs == "val_groups":
-                sub = sub.iloc[0:0]
+    for (ds, model, method, name), part, protocols in _protocol_parts(df):
+        rec = {"dataset": ds, "model": model, "method": name}
+        for label, sub in protocols.items():
+            cis = method_intervals(sub) if len(sub) else {}
             for m in metrics:
                 if len(sub):
                     mean, std = sub[m].mean() * 100, (sub[m].std(ddof=1) * 100 if len(sub) > 1 else 0.0)
@@ -124,6 +231,9 @@ def main_table(
                 else:
                     rec[f"{label}: {TABLE_HEADERS.get(m, m)}"] = "—"
                     rec[f"{label}: {m}_mean"] = float("nan")
+                short = m.removeprefix("test.")
+                if short in ("wga", "avg_acc"):
+                    rec[f"{label}: {TABLE_HEADERS[m + '_ci']}"] = cis.get(short, "—")
         rec["seeds"] = int(part["seed"].nunique())
         records.append(((ds, model), method, rec))
     first = {k: i for i, k in enumerate(dict.fromkeys(zip(df["dataset"], df["model"])))}
@@ -136,7 +246,10 @@ def render_main_table(table: pd.DataFrame, fmt: str = "markdown", caption: str =
     """The main table (both protocols) as markdown or LaTeX, with the legend."""
     cols = [c for c in table.columns if not c.endswith("_mean")]
     legend = (
-        LABEL_LEGEND + " Paper protocol: selection by validation worst-group accuracy (reads validation "
+        CI_NOTE
+        + " "
+        + LABEL_LEGEND
+        + " Paper protocol: selection by validation worst-group accuracy (reads validation "
         "group labels); no group labels: selection by validation worst-class accuracy."
     )
     if fmt == "markdown":
@@ -167,6 +280,18 @@ README_BLOCKS = {  # marker name -> (experiment, table renderer, also the testbe
 }
 
 
+def render_versions(rows: list[dict]) -> str:
+    """One line per distinct set of package versions (and git revision) among raw result rows."""
+    seen: dict[str, set[str]] = {}
+    for row in rows:
+        prov = row.get("provenance", {})
+        versions = ", ".join(f"{k} {v}" for k, v in sorted(prov.get("versions", {}).items()))
+        seen.setdefault(versions, set()).add(str(prov.get("git_rev", "?"))[:12])
+    lines = [f"- {v} (code at {', '.join(sorted(revs))})" for v, revs in seen.items()]
+    head = "The tables above were produced with (exact environment: `requirements.lock`):\n\n"
+    return head + "\n".join(lines) + "\n"
+
+
 def update_readme(dataset: str = "toy", readme: Path | None = None) -> Path:
     """Refresh every README block (``<!-- NAME:start -->`` ... ``<!-- NAME:end -->``) whose rows exist."""
     readme = readme or (paths.repo_root() or Path.cwd()) / "README.md"
@@ -186,8 +311,23 @@ def update_readme(dataset: str = "toy", readme: Path | None = None) -> Path:
         df = df[keep]
         if df.empty:
             continue
-        block = render(df)
-        new = f"{start}\n{block}{end}"
-        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _, new=new: new, text, flags=re.S)
+        text = _replace_block(text, name, render(df))
+    if "<!-- versions:start -->" in text:  # which package versions produced the tables
+        from calib.results import read_rows, results_path
+        from calib.utils import code_hash
+
+        raw = []
+        for experiment, _, _ in README_BLOCKS.values():
+            path = results_path(experiment)
+            if path.is_file():
+                raw += [r for r in read_rows(path) if r.get("dataset") == dataset and r.get("code") == code_hash()]
+        if raw:
+            text = _replace_block(text, "versions", render_versions(raw))
     readme.write_text(text)
     return readme
+
+
+def _replace_block(text: str, name: str, block: str) -> str:
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    new = f"{start}\n{block}{end}"
+    return re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _, new=new: new, text, flags=re.S)

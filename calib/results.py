@@ -22,6 +22,7 @@ import pandas as pd
 
 from calib import paths
 from calib.metrics import mean_std
+from calib.stats import method_intervals
 from calib.utils import locked, stable_hash, writing_to
 
 log = logging.getLogger(__name__)
@@ -259,9 +260,11 @@ def summarize(
     metrics: tuple[str, ...] = ("test.avg_acc", "test.avg_acc_trainw", "test.wga"),
     by: tuple[str, ...] = ("dataset", "model", "method"),
     scale: float = 100.0,
+    ci: bool = True,
 ) -> pd.DataFrame:
     """Mean ± std over seeds per ``by`` group: columns ``<metric>`` (formatted), ``<metric>_mean``,
-    ``<metric>_std`` and ``seeds``.  Row order follows first appearance in ``df``."""
+    ``<metric>_std`` and ``seeds``; with ``ci`` also ``test.wga_ci`` and ``test.avg_acc_ci``, the 95%
+    bootstrap intervals of :mod:`calib.stats`.  Row order follows first appearance in ``df``."""
     out = []
     for key, part in df.groupby(list(by), sort=False):
         rec = dict(zip(by, key if isinstance(key, tuple) else (key,)))
@@ -271,6 +274,9 @@ def summarize(
             mean, std, n = mean_std(part[m].to_numpy(float))
             rec[f"{m}_mean"], rec[f"{m}_std"] = mean, std
             rec[m] = f"{mean * scale:.1f} ± {std * scale:.1f}"
+        if ci:
+            for name, text in method_intervals(part).items():
+                rec[f"test.{name}_ci"] = text
         rec["seeds"] = int(part["seed"].nunique())
         out.append(rec)
     return pd.DataFrame(out)

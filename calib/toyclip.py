@@ -30,7 +30,7 @@ import torch
 
 from calib import paths
 from calib.data.toy import render_scene
-from calib.utils import atomic_dir, stable_hash
+from calib.utils import atomic_dir, expected_random_init, stable_hash
 
 ASSETS = paths.PACKAGE_DIR / "assets"
 TOY_MODEL_NAME = "calib-toy-vit"
@@ -135,14 +135,16 @@ def train_toy_clip(cfg: ToyClipConfig, out_dir: Path) -> dict:
     import open_clip
     from open_clip.loss import ClipLoss
     from safetensors.torch import save_file
-    from tqdm.auto import tqdm
+
+    from calib.utils import progress as tqdm
 
     register_calib_models()
     t0 = time.time()
     images, captions, _ = make_corpus(cfg)
     t_corpus = time.time() - t0
     torch.manual_seed(cfg.seed)
-    model = open_clip.create_model(TOY_MODEL_NAME, pretrained=None, device="cpu")
+    with expected_random_init():  # random weights are the point: training starts from them
+        model = open_clip.create_model(TOY_MODEL_NAME, pretrained=None, device="cpu")
     tokenizer = open_clip.get_tokenizer(TOY_MODEL_NAME)
     mean, std = (
         model.visual.image_mean or open_clip.OPENAI_DATASET_MEAN,

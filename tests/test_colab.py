@@ -69,7 +69,8 @@ def test_colab_drive_and_gpu_warning(fake_colab, monkeypatch, capfd):
     from calib import paths
 
     assert paths.cache_dir() == Path("/content/drive/MyDrive/calib/.cache")
-    assert device == "cpu" and "No GPU attached" in capfd.readouterr().err
+    captured = capfd.readouterr()
+    assert device == "cpu" and "WARNING: No GPU attached" in captured.out  # notebooks log to stdout
 
 
 def test_outside_colab_drive_is_ignored(monkeypatch):
@@ -118,3 +119,30 @@ def test_report_notebooks_follows_pyproject(tmp_path):
     with pytest.raises(ValueError, match="not https://github.com"):
         repository(tmp_path / "pyproject.toml")
     assert main(["report", "notebooks"]) == 0  # the checkout already agrees: rewrites nothing
+
+
+def test_notebook_logging_progress_and_expected_warnings(capsys, caplog):
+    import io
+    import logging
+
+    import calib.notebook as nbm
+    from calib import utils
+
+    try:
+        nbm.setup()
+        logging.getLogger("calib.test").info("plain line")
+        logging.getLogger("calib.test").warning("look")
+        out = capsys.readouterr()
+        assert "plain line\n" in out.out and "WARNING: look\n" in out.out and out.err == ""
+        buf = io.StringIO()
+        for _ in utils.progress(range(50), file=buf, desc="work"):
+            pass
+        assert buf.getvalue().rstrip().split("\r")[-1].startswith("work: 100%")
+        with caplog.at_level(logging.WARNING):
+            from calib.models import load_clip
+
+            load_clip("calib-toy-vit", "random:0", device="cpu")
+        assert "initialized randomly" not in caplog.text
+    finally:
+        utils.setup_logging()
+        utils.use_plain_progress(False)

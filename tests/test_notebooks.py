@@ -106,8 +106,16 @@ def test_notebook_executes(nb, tmp_path, toy_features):
         str(nb), str(out), parameters=params, kernel_name="python3", cwd=str(tmp_path), progress_bar=False
     )
     executed = nbformat.read(out, as_version=4)
-    errors = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
-    assert not errors
+    outputs = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    # clean in JupyterLab: calib's log lines on stdout (no red stderr boxes), text progress bars saved in their
+    # final state (a widget bar would be saved at 0%), no open_clip warning about the toy CLIP's random start
+    stderr = "".join(o.get("text", "") for o in outputs if o.get("name") == "stderr")
+    stdout = "".join(o.get("text", "") for o in outputs if o.get("name") == "stdout")
+    assert "INFO" not in stderr and "initialized randomly" not in stderr + stdout, stderr[:500]
+    assert not [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    if re.search(r"\d+%\|", stdout):  # a progress bar ran: it was saved at its end
+        assert "100%|" in stdout
     figs = paths.figures_dir()
     for stem in stems:
         assert (figs / f"{stem}_toy-quick_calib-toy-vit.png").is_file(), stem

@@ -75,7 +75,8 @@ class GroupDataset:
     def undecodable(self, progress: bool = True) -> list[tuple[Path, str]]:
         """Decode every image of every split (as feature extraction will); ``(path, reason)`` for each failure."""
         from PIL import Image
-        from tqdm.auto import tqdm
+
+        from calib.utils import progress as tqdm
 
         files = [p for t in self.splits.values() for p in t.paths]
         bad = []

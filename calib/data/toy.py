@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from calib.data.base import DatasetLayoutError
 from calib.utils import atomic_dir
+from calib.utils import progress as tqdm
 
 log = logging.getLogger(__name__)
 
