@@ -68,7 +68,7 @@ def time_methods(
 ) -> pd.DataFrame:
     """Wall seconds of fit + evaluation per method and seed, with test WGA and accuracy."""
     rows = []
-    for name in methods or list(REGISTRY):
+    for name in methods or [n for n, c in REGISTRY.items() if not c.needs_images()]:  # TPT: `bench tpt`
         for seed in seeds:
             seed_everything(seed)
             t0 = time.perf_counter()
@@ -85,3 +85,53 @@ def time_methods(
             )
             log.info("%s seed %d: %.1f s", name, seed, rows[-1]["seconds"])
     return pd.DataFrame(rows)
+
+
+def time_tpt(
+    model: str, pretrained: str, dataset: str = "toy", n_images: int = 4, views: int = 64, device: str | None = None
+) -> dict:
+    """Seconds per test image of TPT (``views`` views, one AdamW step) with ``model`` under ``pretrained``
+    (``random:N`` allowed) on ``dataset``'s first test images, after one warm-up image."""
+    from calib.experiment import prepare_dataset
+    from calib.methods.base import RunContext, create
+    from calib.models import load_clip
+
+    ds = prepare_dataset(dataset, None)
+    clip = load_clip(model, pretrained, device=device)
+    table = ds.splits["test"]
+    dummy = {
+        s: SplitFeatures(z=np.zeros((len(t), 1), np.float32), y=t.y, g=t.g, ids=t.ids) for s, t in ds.splits.items()
+    }
+    feats = FeatureSet(
+        splits=dummy,
+        text=None,
+        logit_scale=1.0,
+        n_groups=ds.n_groups,
+        class_names=list(ds.class_names),
+        group_names=list(ds.group_names),
+    )
+    tpt = create("tpt", views=views)
+    tpt.context = RunContext(ds, clip)
+    tpt.fit(feats, seed=0)
+    first = SplitFeatures(z=dummy["test"].z[:1], y=table.y[:1], g=table.g[:1], ids=table.ids[:1])
+    tpt.logits(first)  # warm-up
+    part = SplitFeatures(
+        z=dummy["test"].z[1 : 1 + n_images],
+        y=table.y[1 : 1 + n_images],
+        g=table.g[1 : 1 + n_images],
+        ids=table.ids[1 : 1 + n_images],
+    )
+    t0 = time.perf_counter()
+    tpt.logits(part)
+    seconds = (time.perf_counter() - t0) / n_images
+    import torch
+
+    return {
+        "model": model,
+        "pretrained": pretrained,
+        "views": views,
+        "images": n_images,
+        "seconds_per_image": seconds,
+        "device": str(clip.device),
+        "threads": torch.get_num_threads(),
+    }

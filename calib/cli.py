@@ -239,6 +239,17 @@ def _cmd_bench_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_tpt(args: argparse.Namespace) -> int:
+    from calib.bench import time_tpt
+
+    r = time_tpt(args.model, args.pretrained, args.dataset, args.images, args.views, args.device)
+    print(
+        f"TPT on {r['device']} ({r['threads']} threads), {r['model']} ({r['pretrained']}), {r['views']} views: "
+        f"{r['seconds_per_image']:.3f} s per image (mean of {r['images']})"
+    )
+    return 0
+
+
 def _cmd_bench_throughput(args: argparse.Namespace) -> int:
     import torch
 
@@ -386,6 +397,14 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--seeds", type=int, nargs="+", default=[0])
     bm.add_argument("--json", default=None, help="also write the timings to this JSON file")
     bm.set_defaults(func=_cmd_bench_methods)
+    bp = bn.add_parser("tpt", help="TPT's seconds per test image (per-image work: views, one AdamW step)")
+    bp.add_argument("--model", default="calib-toy-vit")
+    bp.add_argument("--pretrained", default="toy", help="e.g. toy, random:0 (random weights), a tag or a file")
+    bp.add_argument("--dataset", default="toy")
+    bp.add_argument("--images", type=int, default=4)
+    bp.add_argument("--views", type=int, default=64)
+    bp.add_argument("--device", default=None)
+    bp.set_defaults(func=_cmd_bench_tpt)
 
     bt = bn.add_parser("throughput", help="feature-extraction images/s, model- and pipeline-bound")
     bt.add_argument("--model", default="RN50")

@@ -70,6 +70,18 @@ def check_finite(splits: dict[str, SplitFeatures], source: str, text: np.ndarray
         raise NonFiniteFeaturesError(f"{source}: the text prototypes hold NaN or infinity")
 
 
+def subsample(data: FeatureSet, split: str, n: int, seed: int) -> FeatureSet:
+    """``data`` with ``split`` cut to a seeded random ``n`` of its samples (kept in their order)."""
+    import dataclasses
+
+    s = data.splits[split]
+    if n >= len(s.y):
+        return data
+    keep = np.sort(np.random.default_rng([seed, 7_919]).choice(len(s.y), size=n, replace=False))
+    cut = {f.name: (None if getattr(s, f.name) is None else getattr(s, f.name)[keep]) for f in dataclasses.fields(s)}
+    return dataclasses.replace(data, splits={**data.splits, split: SplitFeatures(**cut)})
+
+
 def array_checksum(arrays: dict[str, np.ndarray]) -> str:
     """sha256 over the names, dtypes, shapes and bytes of ``arrays`` (in name order)."""
     h = hashlib.sha256()

@@ -5,7 +5,7 @@ Importing this package registers every method.  ``python -m calib list methods``
 
 from __future__ import annotations
 
-from calib.methods import adapters, cfr, dfr, heads, projection, reweighting  # noqa: F401  (registration)
+from calib.methods import adapters, cfr, dfr, heads, projection, reweighting, tpt  # noqa: F401  (registration)
 from calib.methods.base import (
     LABEL_LEGEND,
     LABEL_MARKS,

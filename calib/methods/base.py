@@ -43,6 +43,24 @@ class NoOptions:
     """This method has no options."""
 
 
+@dataclass
+class RunContext:
+    """What a method that works on images (``uses`` "images" / "clip", e.g. TPT) gets beside the features:
+    the dataset (its image files) and the loaded CLIP model."""
+
+    dataset: Any  # calib.data.GroupDataset
+    clip: Any  # calib.models.LoadedClip
+
+    def paths_of(self, ids: np.ndarray) -> list:
+        """The image files of the samples with these ids (the test split's table first)."""
+        tables = sorted(self.dataset.splits.items(), key=lambda kv: kv[0] != "test")
+        for _, table in tables:
+            lookup = dict(zip(table.ids.tolist(), table.paths))
+            if all(int(i) in lookup for i in ids):
+                return [lookup[int(i)] for i in ids]
+        raise ValueError(f"{self.dataset.name}: no split holds all of these {len(ids)} image ids")
+
+
 class Method:
     """Base class: subclasses set ``name``, ``Options``, ``label_needs``, ``uses`` and implement fit/logits."""
 
@@ -53,6 +71,14 @@ class Method:
     summary: ClassVar[str] = ""
     # settings shown as separate table rows (label -> option overrides), e.g. UMFC's two modes
     table_variants: ClassVar[dict[str, dict[str, Any]]] = {}
+    # splits evaluated by default (None: all); per-image methods (TPT) evaluate the test split only
+    eval_splits: ClassVar[tuple[str, ...] | None] = None
+    context: RunContext | None = None  # set by run_method for methods that use "images" / "clip"
+
+    @classmethod
+    def needs_images(cls) -> bool:
+        """Whether it works on the images with the CLIP model (TPT) rather than on cached features alone."""
+        return bool({"images", "clip"} & set(cls.uses))
 
     @classmethod
     def row_label(cls, options: dict[str, Any]) -> str:
@@ -242,10 +268,25 @@ def run_method(
     seed: int = 0,
     options: dict[str, Any] | None = None,
     splits: tuple[str, ...] | None = None,
+    context: RunContext | None = None,
 ) -> MethodRun:
-    """Fit method ``name`` on ``data`` with ``seed`` and evaluate it on ``splits`` (default: all present)."""
+    """Fit method ``name`` on ``data`` with ``seed`` and evaluate it on ``splits`` (default: the method's
+    ``eval_splits``, else all present).  Methods that work on images need ``context`` (dataset and model); a
+    positive ``max_images`` option evaluates a seeded subsample of that many test samples."""
     method = get_method_class(name)(make_options(name, options))
+    if method.needs_images():
+        if context is None:
+            raise ValueError(
+                f"method {name!r} works on the images with the CLIP model itself, not on cached features: "
+                "pass context=RunContext(dataset, loaded_clip) to run_method (or run_experiment)"
+            )
+        method.context = context
+        if getattr(method.options, "max_images", 0):
+            from calib.features import subsample
+
+            data = subsample(data, "test", method.options.max_images, seed)
     check_inputs(name, method.uses, data)
+    splits = splits or method.eval_splits
     t0 = time.perf_counter()
     method.fit(data, seed)
     return evaluate_instance(method, data, seed, time.perf_counter() - t0, splits)
