@@ -218,7 +218,9 @@ def load_results(
     """Rows of one or more experiments (names or JSONL paths) as a flat DataFrame.
 
     Columns: the key fields, ``label_needs``, ``options``, and ``<split>.<metric>`` for every scalar
-    metric (e.g. ``test.wga``) plus ``test.group_acc``.  The newest row per key wins.
+    metric (e.g. ``test.wga``) plus ``test.group_acc``.  The newest row per key wins.  Rows with an option
+    the method no longer has (written by an older calib, e.g. UMFC's ``fit_on`` before ``mode``) are left
+    out: their setting cannot be named, so no table mixes them in.
     """
     items = [paths_or_experiments] if isinstance(paths_or_experiments, (str, Path)) else list(paths_or_experiments)
     records = []
@@ -230,7 +232,19 @@ def load_results(
     df = pd.DataFrame.from_records(records)
     if df.empty:
         return df
+    df = df[[_current_schema(m, o) for m, o in zip(df["method"], df["options"])]] if "options" in df else df
     return df.drop_duplicates(subset=list(KEY_FIELDS), keep="last").reset_index(drop=True)
+
+
+def _current_schema(method: str, options: Any) -> bool:
+    """Whether every option of a row is one ``method`` still has (unknown methods and non-dict options: kept)."""
+    import dataclasses
+
+    from calib.methods import REGISTRY
+
+    if method not in REGISTRY or not isinstance(options, dict):
+        return True
+    return set(options) <= {f.name for f in dataclasses.fields(REGISTRY[method].Options)}
 
 
 def select_rows(

@@ -25,7 +25,7 @@ def _row(method, seed, wga, acc=0.9, experiment="exp", dataset="toy", model="m",
         model=model,
         pretrained=pretrained,
         seed=seed,
-        options={"lr": 0.1},
+        options={},
         metrics=m,
         extra={"label_needs": "none"},
     )
@@ -163,3 +163,15 @@ def test_main_table_protocols_marks_and_order():
     zs = table.iloc[0]  # no selection: the same numbers under both protocols
     assert zs["paper protocol: worst-group acc"] == zs["no group labels: worst-group acc"] == "25.0 ± 0.0"
     assert list(main_table(rows, methods=["cfr", "dfr", "zeroshot"])["method"])[:3] == ["cfr", "dfr†", "zeroshot"]
+
+
+def test_rows_with_options_the_method_no_longer_has_are_left_out(tmp_path):
+    path = tmp_path / "exp.jsonl"
+    old = _row("umfc", 0, 0.37)
+    old["options"] = {"n_clusters": 4, "alpha": 0.9, "beta": 0.3, "fit_on": "train"}  # before UMFC's `mode`
+    new = _row("umfc", 0, 0.60)
+    new["options"] = {"n_clusters": 4, "alpha": 0.9, "beta": 0.3, "mode": "train-fit", "max_iter": 500}
+    new["options_hash"] = "other"
+    append_rows([old, new], path)
+    df = load_results(path)
+    assert len(df) == 1 and df["test.wga"].item() == 0.60
