@@ -157,9 +157,8 @@ class TPT(Method):
             img = im.convert("RGB")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 1_000_003 + int(image_id))
-            views = [self.context.clip.preprocess(img)] + [
-                self.to_tensor(self.augment(img)) for _ in range(o.views - 1)
-            ]
+            n_aug = o.views - 1 if o.steps > 0 else 0  # with no step the views are never used
+            views = [self.context.clip.preprocess(img)] + [self.to_tensor(self.augment(img)) for _ in range(n_aug)]
         with torch.no_grad():
             f = F.normalize(self.model.encode_image(torch.stack(views).to(self.device)), dim=-1)
         self.learner.reset()  # every image starts from the initial context and a fresh optimiser
