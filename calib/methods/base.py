@@ -116,6 +116,7 @@ def _type_name(hint: Any) -> str:
 
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+_NUMBERS = {int: (int, np.integer), float: (int, float, np.integer, np.floating)}  # declared -> accepted
 
 
 def coerce_option(hint: Any, value: Any) -> Any:
@@ -151,24 +152,15 @@ def coerce_option(hint: Any, value: Any) -> Any:
         if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
             return value.lower() in _TRUE
         raise TypeError(value)
-    if hint is int:
+    if hint in _NUMBERS:  # int or float: a string is parsed, a number must be of an accepted kind (never bool)
         if isinstance(value, str):
             try:
-                return int(value)
+                return hint(value)
             except ValueError as err:
                 raise TypeError(value) from err
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        if isinstance(value, bool) or not isinstance(value, _NUMBERS[hint]):
             raise TypeError(value)
-        return int(value)
-    if hint is float:
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError as err:
-                raise TypeError(value) from err
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-            raise TypeError(value)
-        return float(value)
+        return hint(value)
     if hint is str:
         if not isinstance(value, str):
             raise TypeError(value)
