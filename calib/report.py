@@ -161,6 +161,7 @@ def paired_table(
     over shared seeds of ``metric(reference) - metric(other)`` (percentage points) with its 95% bootstrap
     interval, per dataset, model and protocol (:func:`calib.stats.paired_difference`)."""
     parts = list(_protocol_parts(df))
+    rank = {m: i for i, m in enumerate(methods)}
     records = []
     for (ds, model, method, _), _, ref_protocols in parts:
         if method != reference:
@@ -182,14 +183,16 @@ def paired_table(
                         else f"{100 * result['diff']:+.1f}",
                         "95% CI": "—" if result is None else format_interval(result["lo"], result["hi"]),
                         "seeds": 0 if result is None else result["seeds"],
-                        "_rank": {m: i for i, m in enumerate(methods)}.get(other, len(methods)),
+                        "_feats": len(records),  # this reference's (dataset, model) block keeps its place
+                        "_rank": rank.get(other, len(rank)),
                     }
                 )
     out = pd.DataFrame(records)
     if out.empty:
         return out
+    out["_feats"] = out.groupby(["dataset", "model"], sort=False)["_feats"].transform("min")
     out["_proto"] = out["protocol"].map({label: i for i, (_, label) in enumerate(PROTOCOLS)})
-    return out.sort_values(["_proto", "_rank"], kind="stable").drop(columns=["_rank", "_proto"])
+    return out.sort_values(["_feats", "_proto", "_rank"], kind="stable").drop(columns=["_feats", "_rank", "_proto"])
 
 
 def render_paired(table: pd.DataFrame, reference: str = "cfr") -> str:
