@@ -178,3 +178,16 @@ def write_paper_data_dir(root, per_group: int = 6):
     metashift(root / "metashift", n=4 * per_group, image=lambda p, k, j: _scene(p, k % 2, k // 2, 100 * k + j))
     chexpert(root / "chexpert", n=4 * 12 * per_group, image=lambda p, i: _scene(p, i % 3 == 0, i % 2, i))
     return root
+
+
+# the figure stem every notebook of run_all.sh writes (<stem>_<dataset>_<model>.png)
+FIGURE_STEMS = (
+    "quickstart",
+    "spurious_correlation",
+    "last_layer_retraining",
+    "main_results",
+    "ablations",
+    "feature_geometry",
+    "calibration_set",
+    "cfr_dynamics",
+)

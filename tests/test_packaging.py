@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import tomllib
 
+from tests.fixtures import FIGURE_STEMS
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -67,16 +69,7 @@ def test_run_all_quick_end_to_end(tmp_path):
     for stage in ("toy data", "toy CLIP training", "feature extraction", "notebook 04_ablations.ipynb", "total"):
         assert stage in r.stdout
     figures = {p.name for p in (tmp_path / "figures").glob("*.png")}
-    for stem in (
-        "quickstart",
-        "spurious_correlation",
-        "last_layer_retraining",
-        "main_results",
-        "ablations",
-        "feature_geometry",
-        "calibration_set",
-        "cfr_dynamics",
-    ):
+    for stem in FIGURE_STEMS:
         assert f"{stem}_toy-quick_calib-toy-vit.png" in figures, stem
     assert "cfr_dynamics_testbed-mu_core0.5-scale0.1.png" in figures
     assert len(list((tmp_path / "notebooks" / "executed").glob("*.ipynb"))) == 7  # under CALIB_HOME, not the checkout

@@ -11,7 +11,7 @@ import torch
 
 from calib.plan import PAPER_BACKBONES, full_size_plan, paper_plan, parse_backbones
 from calib.throughput import measure, peak_bf16
-from tests.fixtures import ROWS, write_paper_data_dir, write_waterbirds_fixture
+from tests.fixtures import FIGURE_STEMS, ROWS, write_paper_data_dir, write_waterbirds_fixture
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -186,16 +186,7 @@ def test_paper_profile_end_to_end_on_fixtures(tmp_path):
     assert "Passed unknown parameter" not in r.stderr  # each notebook got only the parameters it declares
     figures = {p.name for p in (home / "figures").glob("*.png")}
     for ds in ("metashift", "chexpert"):
-        for stem in (
-            "quickstart",
-            "spurious_correlation",
-            "last_layer_retraining",
-            "main_results",
-            "ablations",
-            "feature_geometry",
-            "calibration_set",
-            "cfr_dynamics",
-        ):
+        for stem in FIGURE_STEMS:
             assert f"{stem}_{ds}_calib-toy-vit.png" in figures, (stem, ds)
     table = (home / "figures" / "main_results_metashift_chexpert.md").read_text()
     for ds in ("metashift", "chexpert"):
