@@ -19,7 +19,7 @@ import pandas as pd
 from calib import paths
 from calib.data import GroupDataset, ToyConfig, load_dataset, load_waterbirds, make_toy_waterbirds
 from calib.features import FeatureSet, build_feature_set
-from calib.methods import MethodRun, make_options, run_method
+from calib.methods import MethodRun, get_method_class, make_options, run_method, run_methods
 from calib.methods.base import evaluate_instance
 from calib.models import load_clip
 from calib.results import append_rows, flatten_row, make_row, read_rows, results_path
@@ -130,56 +130,79 @@ def run_experiment(
                 row.get("code"),
             )
             stored[key] = row
-    rows = []
-    trained: dict[tuple, MethodRun] = {}  # runs differing only in `selection` share one training run
+    tasks = []  # (variant, method, overrides, seed, options) in the order rows are returned
     for variant, method, overrides in spec.runs():
         for seed in spec.seeds:
-            options = dataclasses.asdict(make_options(method, overrides))
-            key = _reuse_key(method, seed, options, features)
-            if key in stored:
-                log.info("%s seed %d: reusing the stored result row (same features, options and code)", variant, seed)
-                rows.append({**stored[key], "variant": variant})
-                continue
-            trajectory = (method, seed, stable_hash({k: v for k, v in options.items() if k != "selection"}))
-            previous = trained.get(trajectory)
-            if previous is not None and hasattr(previous.instance, "reselect"):
-                previous.instance.reselect(options["selection"])
-                run = evaluate_instance(previous.instance, features, seed, previous.seconds)
-                log.info("%s seed %d: selection %s from the same training run", variant, seed, options["selection"])
-            else:
+            tasks.append((variant, method, overrides, seed, dataclasses.asdict(make_options(method, overrides))))
+
+    # runs to fit: one per training trajectory (runs differing only in `selection` share one)
+    def trajectory(method: str, seed: int, options: dict) -> tuple:
+        return method, seed, stable_hash({k: v for k, v in options.items() if k != "selection"})
+
+    pending: dict[tuple, tuple[str, int, dict]] = {}
+    for _, method, overrides, seed, options in tasks:
+        if _reuse_key(method, seed, options, features) not in stored:
+            pending.setdefault(trajectory(method, seed, options), (method, seed, overrides))
+    trained: dict[tuple, MethodRun] = {}
+    by_method: dict[str, list[tuple]] = {}
+    for traj, (method, _, _) in pending.items():
+        by_method.setdefault(method, []).append(traj)
+    for method, trajs in by_method.items():
+        if get_method_class(method).lane_key(make_options(method, pending[trajs[0]][2])) is None:
+            for traj in trajs:  # fitted one at a time
+                _, seed, overrides = pending[traj]
                 seed_everything(seed)
-                run = run_method(method, features, seed, overrides)
-                trained[trajectory] = run
-            selected = next((r["epoch"] for r in run.history if r.get("selected")), None)
-            rows.append(
-                make_row(
-                    experiment=spec.experiment,
-                    method=method,
-                    dataset=features.meta.get("dataset", "?"),
-                    model=features.meta.get("model", "?"),
-                    pretrained=features.meta.get("pretrained", "?"),
-                    seed=seed,
-                    options=run.options,
-                    metrics=run.metrics,
-                    device=features.meta.get("device", "cpu"),
-                    extra={
-                        "variant": variant,
-                        "label_needs": run.label_needs,
-                        "seconds": run.seconds,
-                        "epochs_run": len(run.history),
-                        "selected_epoch": selected,
-                        "group_names": features.group_names,
-                        "weights": features.meta.get("weights"),
-                        "dataset_version": features.meta.get("dataset_version"),
-                        "code": code_hash(),
-                        "calibration_groups": getattr(run.instance, "calibration_groups", None),
-                        "correct": _correct_bits(run, features),
-                        **({"history": run.history} if spec.history else {}),
-                    },
-                )
+                trained[traj] = run_method(method, features, seed, overrides)
+        else:  # seeds and settings that can share a pass train as its lanes
+            runs = run_methods(method, features, [pending[t][1] for t in trajs], [pending[t][2] for t in trajs])
+            trained.update(zip(trajs, runs))
+    rows = []
+    for variant, method, _, seed, options in tasks:
+        key = _reuse_key(method, seed, options, features)
+        if key in stored:
+            log.info("%s seed %d: reusing the stored result row (same features, options and code)", variant, seed)
+            rows.append({**stored[key], "variant": variant})
+            continue
+        traj = trajectory(method, seed, options)
+        run = trained[traj]
+        wanted = options.get("selection")
+        if getattr(run.instance.options, "selection", wanted) != wanted:  # the same training, another epoch
+            run.instance.reselect(wanted)
+            lanes, run = run.lanes, evaluate_instance(run.instance, features, seed, run.seconds)
+            run.lanes = trained[traj].lanes = lanes
+            trained[traj] = run
+            log.info("%s seed %d: selection %s from the same training run", variant, seed, wanted)
+        selected = next((r["epoch"] for r in run.history if r.get("selected")), None)
+        rows.append(
+            make_row(
+                experiment=spec.experiment,
+                method=method,
+                dataset=features.meta.get("dataset", "?"),
+                model=features.meta.get("model", "?"),
+                pretrained=features.meta.get("pretrained", "?"),
+                seed=seed,
+                options=run.options,
+                metrics=run.metrics,
+                device=features.meta.get("device", "cpu"),
+                extra={
+                    "variant": variant,
+                    "label_needs": run.label_needs,
+                    "seconds": run.seconds,
+                    "lanes": run.lanes,
+                    "epochs_run": len(run.history),
+                    "selected_epoch": selected,
+                    "group_names": features.group_names,
+                    "weights": features.meta.get("weights"),
+                    "dataset_version": features.meta.get("dataset_version"),
+                    "code": code_hash(),
+                    "calibration_groups": getattr(run.instance, "calibration_groups", None),
+                    "correct": _correct_bits(run, features),
+                    **({"history": [dict(r) for r in run.history]} if spec.history else {}),
+                },
             )
-            if write:  # one row at a time: an interrupted experiment resumes where it stopped
-                append_rows([rows[-1]], path, dedupe=reuse)  # another process may have just written this run
+        )
+        if write:  # one row at a time: an interrupted experiment resumes where it stopped
+            append_rows([rows[-1]], path, dedupe=reuse)  # another process may have just written this run
     return pd.DataFrame.from_records([flatten_row(r) for r in rows])
 
 

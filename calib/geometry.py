@@ -23,7 +23,7 @@ def embeddings_after(method_instance, features: FeatureSet, split: str = "test")
     head = method_instance.head
     with torch.no_grad():
         h = torch.as_tensor(features.splits[split].h, device=next(head.parameters()).device)
-        return head.embed(h).cpu().numpy()
+        return head.embed(h)[0].cpu().numpy()  # the one lane of a trained method
 
 
 def project_2d(x: np.ndarray, seed: int = 0) -> np.ndarray:

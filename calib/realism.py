@@ -92,7 +92,7 @@ def realism_report(data: FeatureSet, seed: int = 0) -> dict[str, float]:
     o = CFROptions()
     ref, _ = reference_erm(data, o.projection_options(o.reference_epochs, 0.0), seed)
     with torch.no_grad():
-        pred = ref(torch.as_tensor(tr.h, device=ref.W.device)).argmax(1).cpu().numpy()
+        pred = ref(torch.as_tensor(tr.h, device=ref.W.device))[0].argmax(1).cpu().numpy()
     wrong = pred != tr.y
     out["erm_train_error_rate"] = 100 * float(wrong.mean())
     minority = tr.y != tr.a

@@ -39,7 +39,7 @@ def test_calibration_set_is_the_erm_reference_errors(synth):
     opts = CFROptions(**FAST).projection_options(3, 0.0)
     ref, _ = reference_erm(synth, opts, 0)
     with torch.no_grad():
-        pred = ref(torch.tensor(synth.splits["train"].h)).argmax(1).numpy()
+        pred = ref(torch.tensor(synth.splits["train"].h))[0].argmax(1).numpy()
     np.testing.assert_array_equal(run.instance.calibration_idx, np.flatnonzero(pred != synth.splits["train"].y))
 
 
@@ -137,18 +137,18 @@ def test_simplex_targets_are_maximally_spread():
 def test_tsc_matches_a_dense_reference():
     torch.manual_seed(0)
     m = TSCLoss(16, 2, queue=64, seed=0)
-    m.queue_labels[:40] = torch.randint(0, 2, (40,))
+    m.queue_labels[0, :40] = torch.randint(0, 2, (40,))
     q = F.normalize(torch.randn(8, 16), dim=1).requires_grad_()
     y = torch.randint(0, 2, (8,))
     import copy
 
     ref_m = copy.deepcopy(m)
-    loss = m(q, y)
-    target = ref_m._assign(q.detach(), y)
-    keys = torch.cat([ref_m.queue, ref_m.targets])
+    (loss,) = m(q, y)
+    target = ref_m._assign(q.detach()[None], y[None])[0]
+    keys = torch.cat([ref_m.queue[0], ref_m.targets[0]])
     logits = torch.cat([(q * q).sum(1, keepdim=True), q @ keys.T], 1) / ref_m.temperature
     lp = logits - torch.logsumexp(logits, 1, keepdim=True)
-    cp = (y[:, None] == ref_m.queue_labels[None]).float()
+    cp = (y[:, None] == ref_m.queue_labels[0][None]).float()
     tp = F.one_hot(target[y], 2).float()
     den = 1 + cp.sum(1) + tp.sum(1)
     # the release's class mask (TSC.py: mask_pos_view_class) has a 1 in the self column as well
@@ -161,7 +161,21 @@ def test_tsc_matches_a_dense_reference():
     g1 = torch.autograd.grad(loss, q, retain_graph=True)[0]
     g2 = torch.autograd.grad(ref, q)[0]
     torch.testing.assert_close(g1, g2)
-    assert (m.queue[:8] == q.detach()).all() and (m.queue_labels[:8] == y).all()  # the batch entered the queue
+    assert (m.queue[0, :8] == q.detach()).all() and (m.queue_labels[0, :8] == y).all()  # the batch entered the queue
+
+
+@pytest.mark.parametrize("n_classes", [2, 3, 5, 8])
+def test_tsc_assignment_is_the_hungarian_one(n_classes):
+    """The on-device enumeration (C <= 6) and the scipy fallback both give scipy's optimal assignment."""
+    from scipy.optimize import linear_sum_assignment
+
+    m = TSCLoss(16, n_classes, queue=32, seed=[0, 1, 2])
+    q = F.normalize(torch.randn(3, 40, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
+    y = torch.arange(40).repeat(3, 1) % n_classes
+    got = m._assign(q, y)
+    for lane in range(3):
+        rows, cols = linear_sum_assignment(-(m.centroids[lane] @ m.targets[lane].T).numpy())
+        assert got[lane].tolist() == cols[np.argsort(rows)].tolist()
 
 
 def test_supcon_pulls_same_class_together():
@@ -192,7 +206,7 @@ def test_infonce_anchor_is_the_dropped_out_feature(synth, monkeypatch):
     real = cfr.info_nce
 
     def spy(anchor, positives, negatives, tau):
-        seen.append(anchor.detach().clone())
+        seen.append(anchor.detach()[0].clone())  # lane 0 (the only lane): [B, d]
         return real(anchor, positives, negatives, tau)
 
     monkeypatch.setattr(cfr, "info_nce", spy)

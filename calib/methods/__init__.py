@@ -18,6 +18,7 @@ from calib.methods.base import (
     make_options,
     register,
     run_method,
+    run_methods,
 )
 
 __all__ = [
@@ -32,4 +33,5 @@ __all__ = [
     "make_options",
     "register",
     "run_method",
+    "run_methods",
 ]

@@ -13,29 +13,43 @@ from torch import nn
 from calib.features import FeatureSet, SplitFeatures
 from calib.methods.base import Method, register
 from calib.methods.heads import normalize, zero_shot_logits
+from calib.methods.lanes import LaneModule
 from calib.methods.losses import info_nce
-from calib.methods.projection import ProjectionMethod, ProjectionOptions, fit_head, resolve_device
+from calib.methods.projection import ProjectionMethod, ProjectionOptions, Step, fit_head, resolve_device
 
 
-class Adapter(nn.Module):
-    """Residual bottleneck MLP on embeddings; classifies by cosine to the frozen class prompts.
+class Adapter(LaneModule):
+    """Residual bottleneck MLPs on embeddings (``S`` lanes); classify by cosine to the frozen class prompts.
 
-    The last layer starts at zero, so training starts from the zero-shot classifier.
+    Lane s is ``z -> normalize(z + W2 relu(W1 z + b1) + b2)`` with ``W1 [S, d, hidden]``, ``W2 [S, hidden, d]``.
+    Each lane's first layer is initialised as ``nn.Linear`` does under ``torch.manual_seed(seeds[s])``; the
+    last layer starts at zero, so training starts from the zero-shot classifier.  ``forward`` maps
+    ``[n, d]`` or ``[S, n, d]`` to logits ``[S, n, C]``.
     """
 
-    def __init__(self, text: np.ndarray, scale: float, hidden_ratio: float):
+    shared = ("text",)
+
+    def __init__(self, text: np.ndarray, scale: float, hidden_ratio: float, seeds: list[int] | None = None):
         super().__init__()
         d = text.shape[1]
         hidden = max(1, int(d * hidden_ratio))
-        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, d))
-        nn.init.zeros_(self.mlp[2].weight)
-        nn.init.zeros_(self.mlp[2].bias)
+        first = []
+        for seed in seeds or [0]:
+            torch.manual_seed(seed)  # the stream a single run's nn.Linear initialisation reads
+            first.append(nn.Linear(d, hidden))
+        self.w1 = nn.Parameter(torch.stack([f.weight.detach().T for f in first]).contiguous())
+        self.b1 = nn.Parameter(torch.stack([f.bias.detach()[None] for f in first]))
+        self.w2 = nn.Parameter(torch.zeros(len(first), hidden, d))
+        self.b2 = nn.Parameter(torch.zeros(len(first), 1, d))
         self.register_buffer("text", torch.as_tensor(text, dtype=torch.float32))
         self.scale = scale
 
     def embed(self, z: torch.Tensor) -> torch.Tensor:
+        """``[n, d]`` or ``[S, n, d]`` -> adapted normalised embeddings ``[S, n, d]``."""
+        if z.dim() == 2:
+            z = z.expand(self.w1.shape[0], *z.shape)
         z = F.normalize(z, dim=-1)
-        return F.normalize(z + self.mlp(z), dim=-1)
+        return F.normalize(z + torch.baddbmm(self.b2, F.relu(torch.baddbmm(self.b1, z, self.w1)), self.w2), dim=-1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.scale * self.embed(z) @ self.text.T
@@ -65,12 +79,14 @@ class ContrastiveAdapter(ProjectionMethod):
     Options = AdapterOptions
     summary = "contrastive adapter on frozen embeddings (hard zero-shot samples as anchors)"
     uses = ("z", "text", "train")
+    shared_options = ProjectionMethod.shared_options + ("hidden_ratio", "hard_fraction", "positives", "negatives")
 
     def inputs(self, split: SplitFeatures) -> np.ndarray:
         return split.z
 
-    def fit(self, data: FeatureSet, seed: int) -> None:
-        o = self.options
+    @classmethod
+    def fit_lanes(cls, methods: list[ContrastiveAdapter], data: FeatureSet, seeds: list[int]) -> None:
+        o = methods[0].options
         device = resolve_device(o.device)
         tr = data.splits["train"]
         zn = torch.as_tensor(normalize(tr.z), device=device)
@@ -78,43 +94,50 @@ class ContrastiveAdapter(ProjectionMethod):
         text = torch.as_tensor(data.text, device=device)
         true_cos = (zn * text[y]).sum(1)
         k = max(1, int(round(o.hard_fraction * len(zn))))
-        anchors = torch.argsort(true_cos)[:k]  # farthest from their own class prompt
-        sim = zn[anchors] @ zn.T
-        same = y[anchors][:, None] == y[None, :]
+        hard = torch.argsort(true_cos)[:k]  # farthest from their own class prompt
+        sim = zn[hard] @ zn.T
+        same = y[hard][:, None] == y[None, :]
         sim_pos = sim.masked_fill(~same, -2.0)
-        sim_pos[torch.arange(k), anchors] = -2.0  # not itself
-        pos = sim_pos.topk(min(o.positives, len(zn) - 1), dim=1).indices
-        neg = sim.masked_fill(same, -2.0).topk(min(o.negatives, len(zn)), dim=1).indices
-        order = torch.randperm(k, generator=torch.Generator().manual_seed(seed))
-        anchors, pos, neg = anchors[order], pos[order], neg[order]
-        # an "epoch" of fit_head iterates over len(train) indices; map them onto the anchor list
-        n_train = len(zn)
+        sim_pos[torch.arange(k), hard] = -2.0  # not itself
+        pos_all = sim_pos.topk(min(o.positives, len(zn) - 1), dim=1).indices
+        neg_all = sim.masked_fill(same, -2.0).topk(min(o.negatives, len(zn)), dim=1).indices
+        orders = [torch.randperm(k, generator=torch.Generator().manual_seed(seed)).to(device) for seed in seeds]
+        anchors = torch.stack([hard[order] for order in orders])  # [S, k]: each lane's anchor order
+        pos = torch.stack([pos_all[order] for order in orders])  # [S, k, P]
+        neg = torch.stack([neg_all[order] for order in orders])  # [S, k, N]
+        tau = torch.tensor([m.options.temperature for m in methods], device=device)[:, None, None]
+        S, d, C = len(methods), zn.shape[1], data.n_classes
 
-        def loss(head: Adapter, idx: torch.Tensor, epoch: int) -> torch.Tensor:
-            rows = idx % k
-            a = head.embed(zn[anchors[rows]])
-            p = head.embed(zn[pos[rows]].reshape(-1, zn.shape[1])).view(len(rows), -1, zn.shape[1])
-            n = head.embed(zn[neg[rows]].reshape(-1, zn.shape[1])).view(len(rows), -1, zn.shape[1])
-            cls = y[anchors[rows]]
-            p = torch.cat([p, text[cls][:, None]], dim=1)  # the class prompt is a positive
-            others = torch.stack([text[(cls + j) % data.n_classes] for j in range(1, data.n_classes)], 1)
-            n = torch.cat([n, others], dim=1)  # the other prompts are negatives
-            return info_nce(a, p, n, o.temperature)
+        def loss(head: Adapter, step: Step) -> torch.Tensor:
+            # an "epoch" of fit_head iterates over len(train) indices; map them onto the anchor list
+            rows = step.idx % k
+            a_idx = anchors.gather(1, rows)
+            a = head.embed(zn[a_idx])
+            b = rows.shape[1]
+            p = head.embed(zn[pos.gather(1, rows[..., None].expand(-1, -1, pos.shape[2])).flatten(1)])
+            n = head.embed(zn[neg.gather(1, rows[..., None].expand(-1, -1, neg.shape[2])).flatten(1)])
+            cls_ = y[a_idx]  # [S, b]
+            p = torch.cat([p.view(S, b, -1, d), text[cls_][:, :, None]], dim=2)  # the class prompt is a positive
+            others = torch.stack([text[(cls_ + j) % C] for j in range(1, C)], 2)
+            n = torch.cat([n.view(S, b, -1, d), others], dim=2)  # the other prompts are negatives
+            return info_nce(a, p, n, tau)
 
-        torch.manual_seed(seed)
         scaled = ProjectionOptions(**{f: getattr(o, f) for f in ProjectionOptions.__dataclass_fields__})
         # anchors are few: scale epochs so the adapter sees each anchor `epochs` times
-        scaled.epochs = max(1, int(np.ceil(o.epochs * k / n_train)))
-        self.head, self.history = fit_head(
-            Adapter(data.text, data.logit_scale, o.hidden_ratio),
+        scaled.epochs = max(1, int(np.ceil(o.epochs * k / len(zn))))
+        heads, histories = fit_head(
+            Adapter(data.text, data.logit_scale, o.hidden_ratio, list(seeds)),
             data,
             scaled,
-            seed,
+            seeds,
             loss,
-            self.inputs,
+            lambda split: split.z,
             optimizer="adam",
+            selection=[m.options.selection for m in methods],
         )
-        self.anchor_groups = np.bincount(tr.g[anchors.cpu().numpy()], minlength=data.n_groups).tolist()
+        groups = np.bincount(tr.g[hard.cpu().numpy()], minlength=data.n_groups).tolist()
+        for m, hd, hist in zip(methods, heads, histories):
+            m.head, m.history, m.anchor_groups = hd, hist, groups
 
 
 UMFC_MODES = {"train-fit": "train", "transductive": "test"}  # mode -> split the clusters are fit on

@@ -21,6 +21,7 @@ import logging
 import time
 import types
 import typing
+from collections.abc import Hashable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -92,6 +93,19 @@ class Method:
     def required_labels(self) -> str:
         """Group labels this configured instance reads (may depend on options, e.g. selection)."""
         return self.label_needs
+
+    @classmethod
+    def lane_key(cls, options: Any) -> Hashable | None:
+        """Runs whose options give the same key can be fitted together by :meth:`fit_lanes` (one pass,
+        several seeds or settings); ``None``: this method fits one run at a time."""
+        return None
+
+    @classmethod
+    def fit_lanes(cls, methods: list[Method], data: FeatureSet, seeds: list[int]) -> None:
+        """Fit configured instances ``methods[i]`` with ``seeds[i]``; each ends exactly as its own ``fit``
+        would leave it.  The default fits them one after another."""
+        for method, seed in zip(methods, seeds):
+            method.fit(data, seed)
 
     def fit(self, data: FeatureSet, seed: int) -> None:
         raise NotImplementedError
@@ -229,6 +243,7 @@ class MethodRun:
     seconds: float
     history: list[dict]
     instance: Method
+    lanes: int = 1  # runs fitted together in its pass (seconds is the pass's time / lanes)
 
 
 def check_inputs(name: str, uses: tuple[str, ...], data: FeatureSet) -> None:
@@ -265,23 +280,57 @@ def run_method(
     """Fit method ``name`` on ``data`` with ``seed`` and evaluate it on ``splits`` (default: the method's
     ``eval_splits``, else all present).  Methods that work on images need ``context`` (dataset and model); a
     positive ``max_images`` option evaluates a seeded subsample of that many test samples."""
-    method = get_method_class(name)(make_options(name, options))
-    if method.needs_images():
-        if context is None:
-            raise ValueError(
-                f"method {name!r} works on the images with the CLIP model itself, not on cached features: "
-                "pass context=RunContext(dataset, loaded_clip) to run_method (or run_experiment)"
-            )
-        method.context = context
-        if getattr(method.options, "max_images", 0):
-            from calib.features import subsample
+    return run_methods(name, data, [seed], [options], splits, context)[0]
 
-            data = subsample(data, "test", method.options.max_images, seed)
-    check_inputs(name, method.uses, data)
-    splits = splits or method.eval_splits
-    t0 = time.perf_counter()
-    method.fit(data, seed)
-    return evaluate_instance(method, data, seed, time.perf_counter() - t0, splits)
+
+def run_methods(
+    name: str,
+    data: FeatureSet,
+    seeds: list[int],
+    options: list[dict[str, Any] | None] | None = None,
+    splits: tuple[str, ...] | None = None,
+    context: RunContext | None = None,
+) -> list[MethodRun]:
+    """:func:`run_method` for each ``(seeds[i], options[i])``; runs whose options share a
+    :meth:`Method.lane_key` are fitted together in one pass (lanes), each with the numbers of its own run.
+    A run's ``seconds`` is its pass's time divided by the pass's lanes."""
+    options = list(options) if options is not None else [None] * len(seeds)
+    if len(options) != len(seeds):
+        raise ValueError(f"{len(seeds)} seeds but {len(options)} option sets")
+    cls = get_method_class(name)
+    methods = [cls(make_options(name, o)) for o in options]
+    inputs = []
+    for method, seed in zip(methods, seeds):
+        run_data = data
+        if method.needs_images():
+            if context is None:
+                raise ValueError(
+                    f"method {name!r} works on the images with the CLIP model itself, not on cached features: "
+                    "pass context=RunContext(dataset, loaded_clip) to run_method (or run_experiment)"
+                )
+            method.context = context
+            if getattr(method.options, "max_images", 0):
+                from calib.features import subsample
+
+                run_data = subsample(data, "test", method.options.max_images, seed)
+        check_inputs(name, method.uses, run_data)
+        inputs.append(run_data)
+    passes: dict[Any, list[int]] = {}
+    for i, method in enumerate(methods):
+        key = cls.lane_key(method.options)
+        passes.setdefault(("alone", i) if key is None or inputs[i] is not data else key, []).append(i)
+    out: list[MethodRun | None] = [None] * len(seeds)
+    for members in passes.values():
+        t0 = time.perf_counter()
+        if len(members) == 1:
+            methods[members[0]].fit(inputs[members[0]], seeds[members[0]])
+        else:
+            cls.fit_lanes([methods[i] for i in members], data, [seeds[i] for i in members])
+        seconds = (time.perf_counter() - t0) / len(members)
+        for i in members:
+            out[i] = evaluate_instance(methods[i], inputs[i], seeds[i], seconds, splits or methods[i].eval_splits)
+            out[i].lanes = len(members)
+    return out
 
 
 def evaluate_instance(

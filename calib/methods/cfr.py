@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from calib.features import FeatureSet, SplitFeatures
 from calib.methods.base import register
 from calib.methods.diagnostics import direction_weights
+from calib.methods.lanes import lane_cross_entropy, lane_dropout
 from calib.methods.losses import TSCLoss, info_nce, supcon_loss
 from calib.methods.projection import (
     LOGIT_SCALE_INITS,
@@ -55,8 +56,8 @@ from calib.methods.projection import (
     ClipERMOptions,
     ProjectionHead,
     ProjectionMethod,
+    Step,
     fit_head,
-    fit_projection,
     resolve_device,
 )
 from calib.metrics import group_accuracy
@@ -140,27 +141,51 @@ class CFROptions:
 _REFERENCES: dict[tuple, tuple[dict, list[dict]]] = {}
 
 
-def reference_erm(data: FeatureSet, opts: ClipERMOptions, seed: int) -> tuple[ProjectionHead, list[dict]]:
-    """The CLIP+ERM reference head, trained once per (features, options, seed) in this process."""
-    key = (
+def _reference_key(data: FeatureSet, opts: ClipERMOptions, seed: int) -> tuple:
+    return (
         data.meta.get("weights"),
         data.meta.get("dataset_version"),
         id(data) if not data.meta else None,
         tuple(sorted(asdict(opts).items())),
         seed,
     )
-    device = resolve_device(opts.device)
-    if key not in _REFERENCES:
-        tr = data.splits["train"]
-        h, y = torch.tensor(tr.h, device=device), torch.tensor(tr.y, device=device)
-        head, hist = fit_projection(data, opts, seed, lambda hd, idx, epoch: F.cross_entropy(hd(h[idx]), y[idx]))
-        if len(_REFERENCES) >= 8:  # bounded memory; enough for ablations over a few seeds
+
+
+def reference_heads(
+    data: FeatureSet, opts: list[ClipERMOptions], seeds: list[int]
+) -> list[tuple[ProjectionHead, list[dict]]]:
+    """The CLIP+ERM reference head of each ``(opts[i], seeds[i])``, trained once per (features, options,
+    seed) in this process; the missing ones train together as lanes (:meth:`ClipERM.fit_lanes`)."""
+    from calib.methods.projection import ClipERM
+
+    keys = [_reference_key(data, o, s) for o, s in zip(opts, seeds)]
+    todo = {k: (o, s) for k, o, s in zip(keys, opts, seeds) if k not in _REFERENCES}
+    passes: dict = {}
+    for k, (o, _) in todo.items():
+        passes.setdefault(ClipERM.lane_key(o), []).append(k)
+    fresh = {}
+    for members in passes.values():
+        erms = [ClipERM(todo[k][0]) for k in members]
+        ClipERM.fit_lanes(erms, data, [todo[k][1] for k in members])
+        for k, erm in zip(members, erms):
+            fresh[k] = (erm.head.lane_state(0), erm.history)
+    for k, v in fresh.items():
+        if len(_REFERENCES) >= 32:  # bounded memory; enough for ablations over a few seeds
             _REFERENCES.pop(next(iter(_REFERENCES)))
-        _REFERENCES[key] = ({k: v.detach().clone() for k, v in head.state_dict().items()}, hist)
-    state, hist = _REFERENCES[key]
-    head = ProjectionHead.for_features(data, opts.logit_scale_init, opts.train_logit_scale).to(device)
-    head.load_state_dict(state)
-    return head.eval(), hist
+        _REFERENCES[k] = v
+    out = []
+    for k, o in zip(keys, opts):
+        state, hist = fresh[k] if k in fresh else _REFERENCES[k]
+        head = ProjectionHead.for_features(data, o.logit_scale_init, o.train_logit_scale)
+        head = head.to(resolve_device(o.device))
+        head.load_lane_state(0, state)
+        out.append((head.eval(), hist))
+    return out
+
+
+def reference_erm(data: FeatureSet, opts: ClipERMOptions, seed: int) -> tuple[ProjectionHead, list[dict]]:
+    """The CLIP+ERM reference head of one seed (one lane), memoised like :func:`reference_heads`."""
+    return reference_heads(data, [opts], [seed])[0]
 
 
 def loss_weight(epoch: int, epochs: int, opts: CFROptions) -> float:
@@ -194,43 +219,31 @@ def nearest(query: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = 4096) 
     return torch.cat(out)
 
 
-@register
-class CFR(ProjectionMethod):
-    """CFR: recalibrate the image projection with a contrastive loss on a label-free calibration set."""
+class AnchorSampler:
+    """One lane's calibration set and its positives and negatives (steps 2 and 3), with the lane's own
+    sampling stream (a generator seeded ``seed + 1``, separate from the batch order).
 
-    name = "cfr"
-    Options = CFROptions
-    summary = "Contrastive Feature Recalibration of the image projection (You et al., CVPR 2024)"
+    ``epoch(n, batch_size)`` draws a whole epoch's anchors, positives and negatives at its start, in
+    exactly the order a step-by-step draw would take them from the stream.
+    """
 
-    def fit(self, data: FeatureSet, seed: int) -> None:
-        o = self.options
-        o.validate()
-        device = resolve_device(o.device)
+    def __init__(self, data: FeatureSet, o: CFROptions, seed: int, ref_head: ProjectionHead, device: torch.device):
         tr = data.splits["train"]
+        self.o, self.n_train, self.device = o, len(tr), device
         h = torch.tensor(tr.h, device=device)
         y = torch.tensor(tr.y, device=device)
-        gen = torch.Generator().manual_seed(seed + 1)  # sampling stream, separate from the batch order
-
-        # 1. reference model (memoised: it is exactly the CLIP+ERM run of this seed and these settings)
-        if o.reference == "erm":
-            ref_head, self.reference_history = reference_erm(data, o.projection_options(o.reference_epochs, 0.0), seed)
-        else:
-            ref_head = ProjectionHead(data.W0, data.b0, data.text, data.logit_scale).to(device).eval()
-            self.reference_history = []
+        self.gen = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
-            ref_logits = ref_head(h).cpu().numpy()
-            ref_emb = ref_head.embed(h)
+            ref_logits = ref_head(h)[0].cpu().numpy()
+            ref_emb = ref_head.embed(h)[0]
         ref_pred = ref_logits.argmax(1)
 
         # 2. calibration set (diagnostic composition only)
         cal = calibration_set(ref_logits, tr.y, o.calibration, o.calibration_fraction)
-        self.calibration_idx = cal
-        self.calibration_groups = np.bincount(tr.g[cal], minlength=data.n_groups).tolist()
+        self.cal = cal
+        self.groups = np.bincount(tr.g[cal], minlength=data.n_groups).tolist()
         log.info(
-            "CFR calibration set: %d of %d training samples (per-group diagnostic: %s)",
-            len(cal),
-            len(tr),
-            self.calibration_groups,
+            "CFR calibration set: %d of %d training samples (per-group diagnostic: %s)", len(cal), len(tr), self.groups
         )
 
         # 3. positives and negatives, indexed in the training split
@@ -242,139 +255,282 @@ class CFR(ProjectionMethod):
             if len(pool) == 0:
                 pools[c] = torch.as_tensor(np.flatnonzero(tr.y == c), device=device)  # no correct sample: any
                 log.warning("no correctly classified training sample of class %d; positives drawn from the class", c)
-        cal_t = torch.as_tensor(cal, device=device)
-        cal_y = y[cal_t]
+        self.cal_t = torch.as_tensor(cal, device=device)
+        self.cal_y = y[self.cal_t]
         # the release ranks negatives by cosine in the frozen backbone's pre-projection space (then overwrites them)
         neg_space = ref_emb if o.negative_space == "reference" else F.normalize(h, dim=-1)
         self.hard_negatives = torch.empty(len(cal), o.negatives, dtype=torch.long, device=device)
         self.nearest_positives = torch.empty(len(cal), o.positives, dtype=torch.long, device=device)
         for c in range(data.n_classes):
-            rows = torch.nonzero(cal_y == c).flatten()
+            rows = torch.nonzero(self.cal_y == c).flatten()
             if len(rows) == 0:
                 continue
             others = torch.nonzero(y != c).flatten()
-            nn_idx = nearest(neg_space[cal_t[rows]], neg_space[others], o.negatives)
-            self.hard_negatives[rows] = others[_pad(nn_idx, o.negatives, gen)]
+            nn_idx = nearest(neg_space[self.cal_t[rows]], neg_space[others], o.negatives)
+            self.hard_negatives[rows] = others[_pad(nn_idx, o.negatives, self.gen)]
             if o.positive_rule == "nearest":
                 pool = pools[c]
-                pos_idx = nearest(ref_emb[cal_t[rows]], ref_emb[pool], o.positives)
-                self.nearest_positives[rows] = pool[_pad(pos_idx, o.positives, gen)]
-
+                pos_idx = nearest(ref_emb[self.cal_t[rows]], ref_emb[pool], o.positives)
+                self.nearest_positives[rows] = pool[_pad(pos_idx, o.positives, self.gen)]
         # uniform draws from per-class pools, vectorised: pool c is flat[offset[c] : offset[c] + size[c]]
-        pos_flat, pos_off, pos_size = _flatten_pools([pools[c] for c in range(data.n_classes)])
-        same_flat, same_off, same_size = _flatten_pools(
-            [torch.nonzero(y == c).flatten() for c in range(data.n_classes)]
+        self.pos_pools = _flatten_pools([pools[c] for c in range(data.n_classes)])
+        self.same_pools = _flatten_pools([torch.nonzero(y == c).flatten() for c in range(data.n_classes)])
+        self.random_positives = o.positive_rule != "nearest"
+        self.random_negatives = o.negative_rule != "hard" or o.faithful_release
+        # calib's first CFR drew one anchor order here that no epoch used; the draw stays so that every
+        # seed keeps its numbers (the stream, not the order, is what it preserves)
+        torch.randperm(len(cal), generator=self.gen)
+
+    def _pick(self, pools: tuple, cls: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        flat, off, size = pools
+        return flat[off[cls, None] + (u.to(self.device) * size[cls, None]).long().clamp(max=size[cls, None] - 1)]
+
+    def positives_for(self, rows: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+        """Positives ``[len(rows), P]`` (training indices) of calibration-set ``rows``."""
+        if not self.random_positives:
+            return self.nearest_positives[rows]
+        u = torch.rand(len(rows), self.o.positives, generator=self.gen) if u is None else u
+        return self._pick(self.pos_pools, self.cal_y[rows], u)
+
+    def negatives_for(self, rows: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+        """Negatives ``[len(rows), N]``: the hard ones, or (as released) random same-class samples."""
+        if not self.random_negatives:
+            return self.hard_negatives[rows]
+        u = torch.rand(len(rows), self.o.negatives, generator=self.gen) if u is None else u
+        return self._pick(self.same_pools, self.cal_y[rows], u)
+
+    def epoch(self, n: int, batch_size: int) -> dict[str, torch.Tensor]:
+        """One epoch of ``n`` steps' worth of anchors: ``anchors [n]``, ``anchor_y [n]``, ``positives [n, P]``,
+        ``negatives [n, N]`` and (``epoch_unit="calibration"``) the regular batch ``regular [n]``.
+
+        The stream order is the per-step one: [regular batch], [at the first step: the anchor order],
+        positives, negatives; anchors cycle through the order (training sample i meets anchor i mod |cal|).
+        """
+        o, gen = self.o, self.gen
+        regular, pos_u, neg_u, order = [], [], [], None
+        for start in range(0, n, batch_size):
+            b = min(batch_size, n - start)
+            if o.epoch_unit == "calibration":
+                regular.append(torch.randint(self.n_train, (b,), generator=gen))
+            if order is None:
+                order = torch.randperm(len(self.cal_t), generator=gen)
+            if self.random_positives:
+                pos_u.append(torch.rand(b, o.positives, generator=gen))
+            if self.random_negatives:
+                neg_u.append(torch.rand(b, o.negatives, generator=gen))
+        rows = order[torch.arange(n) % len(self.cal_t)].to(self.device)
+        out = {
+            "anchors": self.cal_t[rows],
+            "anchor_y": self.cal_y[rows],
+            "positives": self.positives_for(rows, torch.cat(pos_u) if pos_u else None),
+            "negatives": self.negatives_for(rows, torch.cat(neg_u) if neg_u else None),
+        }
+        if regular:
+            out["regular"] = torch.cat(regular).to(self.device)
+        return out
+
+
+def embed_rows(head: ProjectionHead, h: torch.Tensor, need: torch.Tensor, dedupe: bool) -> torch.Tensor:
+    """Embeddings ``[S, M, d]`` of training rows ``need [S, M]`` (lane s's rows through lane s's projection).
+
+    With ``dedupe`` each lane projects each distinct row once (the same result with fewer FLOPs when rows
+    repeat, as positives and negatives do); lanes are padded to the largest distinct count.
+    """
+    if not dedupe:
+        return head.embed(h[need])
+    S, M = need.shape
+    n = len(h)
+    uniq, inverse = torch.unique(need + n * torch.arange(S, device=need.device)[:, None], return_inverse=True)
+    lane = uniq // n
+    counts = torch.bincount(lane, minlength=S)
+    width = int(counts.max())  # the padded width: one host read per step, and only on the dedupe path
+    slot = torch.arange(len(uniq), device=need.device) - (torch.cumsum(counts, 0) - counts)[lane]
+    rows = torch.zeros(S, width, dtype=torch.long, device=need.device)
+    rows[lane, slot] = uniq % n
+    emb = head.embed(h[rows])  # [S, width, d]
+    return emb.reshape(S * width, -1)[(lane * width + slot)[inverse]]
+
+
+@register
+class CFR(ProjectionMethod):
+    """CFR: recalibrate the image projection with a contrastive loss on a label-free calibration set."""
+
+    name = "cfr"
+    Options = CFROptions
+    summary = "Contrastive Feature Recalibration of the image projection (You et al., CVPR 2024)"
+    # a pass's lanes share the step's shapes and the optimiser; everything else may differ lane by lane
+    shared_options = (
+        "epochs",
+        "epoch_unit",
+        "batch_size",
+        "lr",
+        "momentum",
+        "weight_decay",
+        "train_logit_scale",
+        "positives",
+        "negatives",
+        "tsc_queue",
+        "tsc_temperature",
+        "tsc_target_weight",
+        "device",
+    )
+
+    @classmethod
+    def lane_key(cls, options: CFROptions):
+        if options.epoch_unit == "calibration":  # an epoch is the lane's own calibration set: runs alone
+            return None
+        return super().lane_key(options)
+
+    @classmethod
+    def fit_lanes(cls, methods: list[CFR], data: FeatureSet, seeds: list[int]) -> None:
+        opts = [m.options for m in methods]
+        for o in opts:
+            o.validate()
+        o0, S = opts[0], len(methods)
+        device = resolve_device(o0.device)
+        tr = data.splits["train"]
+        h = torch.tensor(tr.h, device=device)
+        y = torch.tensor(tr.y, device=device)
+
+        # 1. reference models (memoised: each is exactly the CLIP+ERM run of its seed and settings)
+        erm_lanes = [i for i, o in enumerate(opts) if o.reference == "erm"]
+        refs = reference_heads(
+            data,
+            [opts[i].projection_options(opts[i].reference_epochs, 0.0) for i in erm_lanes],
+            [seeds[i] for i in erm_lanes],
         )
+        samplers = []
+        for i, (m, o, seed) in enumerate(zip(methods, opts, seeds)):
+            if o.reference == "erm":
+                ref_head, m.reference_history = refs[erm_lanes.index(i)]
+            else:
+                ref_head = ProjectionHead(data.W0, data.b0, data.text, data.logit_scale).to(device).eval()
+                m.reference_history = []
+            # 2-3. calibration set, positives and negatives
+            sampler = AnchorSampler(data, o, seed, ref_head, device)
+            m.calibration_idx, m.calibration_groups = sampler.cal, sampler.groups
+            m.hard_negatives, m.nearest_positives = sampler.hard_negatives, sampler.nearest_positives
+            # kept for inspection: (calibration-set rows) -> training indices [rows, P] / [rows, N]
+            m.sample_positives, m.sample_negatives = sampler.positives_for, sampler.negatives_for
+            samplers.append(sampler)
 
-        def draw(flat: torch.Tensor, off: torch.Tensor, size: torch.Tensor, cls: torch.Tensor, k: int) -> torch.Tensor:
-            u = torch.rand(len(cls), k, generator=gen).to(device)
-            return flat[off[cls, None] + (u * size[cls, None]).long().clamp(max=size[cls, None] - 1)]
-
-        def positives_for(anchor_rows: torch.Tensor) -> torch.Tensor:
-            if o.positive_rule == "nearest":
-                return self.nearest_positives[anchor_rows]
-            return draw(pos_flat, pos_off, pos_size, cal_y[anchor_rows], o.positives)
-
-        def negatives_for(anchor_rows: torch.Tensor) -> torch.Tensor:
-            if o.negative_rule == "hard" and not o.faithful_release:
-                return self.hard_negatives[anchor_rows]
-            # the release computes hard negatives, then overwrites them with random same-class samples
-            return draw(same_flat, same_off, same_size, cal_y[anchor_rows], o.negatives)
-
-        # kept for inspection: (calibration-set rows) -> training indices [rows, P] / [rows, N]
-        self.sample_positives, self.sample_negatives = positives_for, negatives_for
-
-        # 4. the loss
+        # 4. the loss, per lane
+        kinds: dict[str, list[int]] = {}
+        for i, o in enumerate(opts):
+            kinds.setdefault(o.regularizer, []).append(i)
+        tsc_lanes = kinds.get("tsc", [])
         tsc = (
-            TSCLoss(data.text.shape[1], data.n_classes, o.tsc_queue, o.tsc_temperature, o.tsc_target_weight, seed).to(
-                device
-            )
-            if o.regularizer == "tsc"
+            TSCLoss(
+                data.text.shape[1],
+                data.n_classes,
+                o0.tsc_queue,
+                o0.tsc_temperature,
+                o0.tsc_target_weight,
+                [seeds[i] for i in tsc_lanes],
+            ).to(device)
+            if tsc_lanes
             else None
         )
-        n_cal = len(cal)
-        big_projection = data.W0.size >= 1 << 16
-        cal_order = {"perm": torch.randperm(n_cal, generator=gen), "epoch": -1}
+        lane_tensor = {k: torch.as_tensor(v, device=device) for k, v in kinds.items()}
+        a = torch.tensor([o.anchor_ce_weight for o in opts], device=device)
+        k_con = torch.tensor([o.contrastive_weight for o in opts], device=device)
+        tau = torch.tensor([o.temperature for o in opts], device=device)[:, None, None]
+        dedupe = data.W0.size >= 1 << 16  # small maps: the gather-and-scatter costs more than the duplicate rows
+        epoch_draws: dict[str, torch.Tensor] = {}
+        weights: dict[str, torch.Tensor] = {}
+        terms = torch.zeros(3, S, device=device)  # anchor CE, InfoNCE, regulariser, summed over the epoch's steps
+        n_steps = torch.zeros((), device=device)
+        n_epoch = len(tr) if o0.epoch_unit == "train" else len(samplers[0].cal_t)
 
-        def step_loss(head: ProjectionHead, idx: torch.Tensor, epoch: int) -> torch.Tensor:
-            if o.epoch_unit == "calibration":  # idx indexes anchors; the regular batch is drawn at random
-                idx = torch.randint(len(h), (len(idx),), generator=gen).to(device)
-            if cal_order["epoch"] != epoch:  # a fresh anchor order each epoch; anchors cycle (i mod |cal|)
-                cal_order["perm"], cal_order["epoch"], cal_order["pos"] = torch.randperm(n_cal, generator=gen), epoch, 0
-            start = cal_order["pos"]
-            rows = cal_order["perm"][torch.arange(start, start + len(idx)) % n_cal].to(device)
-            cal_order["pos"] = start + len(idx)
-            anchors = cal_t[rows]
-            pos, neg = positives_for(rows), negatives_for(rows)
-            need = torch.cat([idx, anchors, pos.flatten(), neg.flatten()])
-            if big_projection:  # project each distinct row once (same result, fewer FLOPs for real CLIP sizes)
-                uniq, inverse = torch.unique(need, return_inverse=True)
-                emb = head.embed(h[uniq])[inverse]
-            else:  # small maps: the gather-and-scatter costs more than the duplicate rows
-                emb = head.embed(h[need])
-            b, p_n = len(idx), pos.numel()
-            e_reg, e_anc = emb[:b], emb[b : 2 * b]
-            e_pos = emb[2 * b : 2 * b + p_n].view(*pos.shape, -1)
-            e_neg = emb[2 * b + p_n :].view(*neg.shape, -1)
-            scale = head.log_s.exp()
+        def step_loss(head: ProjectionHead, step: Step) -> torch.Tensor:
+            if step.start == 0:  # the epoch's anchors, positives and negatives, drawn at once per lane
+                draws = [sp.epoch(n_epoch, o0.batch_size) for sp in samplers]
+                epoch_draws.update({key: torch.stack([d[key] for d in draws]) for key in draws[0]})
+                c = [loss_weight(step.epoch, o.epochs, o) for o in opts]
+                weights["c"] = torch.tensor(c, device=device)
+            part = slice(step.start, step.start + step.idx.shape[1])
+            idx = epoch_draws["regular"][:, part] if "regular" in epoch_draws else step.idx
+            anchors, pos, neg = (epoch_draws[key][:, part] for key in ("anchors", "positives", "negatives"))
+            b, P, N = idx.shape[1], pos.shape[2], neg.shape[2]
+            emb = embed_rows(head, h, torch.cat([idx, anchors, pos.flatten(1), neg.flatten(1)], dim=1), dedupe)
+            e_reg, e_anc = emb[:, :b], emb[:, b : 2 * b]
+            e_pos = emb[:, 2 * b : 2 * b + b * P].reshape(S, b, P, -1)
+            e_neg = emb[:, 2 * b + b * P :].reshape(S, b, N, -1)
+            scale = head.scale()
             d_anc = head.dropout(e_anc)  # as released: one dropout draw feeds the anchor CE and InfoNCE
-            ce_anchor = F.cross_entropy(scale * d_anc @ head.text.T, y[anchors])
-            l_con = info_nce(F.normalize(d_anc, dim=-1), e_pos, e_neg, o.temperature)
-            c = loss_weight(epoch, o.epochs, o)
-            loss = c * (o.anchor_ce_weight * ce_anchor + o.contrastive_weight * l_con)
-            if o.regularizer == "ce":
-                l_reg = F.cross_entropy(scale * head.dropout(e_reg) @ head.text.T, y[idx])
-            elif o.regularizer == "supcon":
-                l_reg = supcon_loss(head.dropout(e_reg), y[idx], o.tsc_temperature)
-            elif o.regularizer == "tsc":
-                l_reg = tsc(F.normalize(head.dropout(e_reg), dim=-1), y[idx])
-            else:
-                l_reg = torch.zeros((), device=device)
-            terms["anchor_ce"] += ce_anchor.detach()
-            terms["contrastive"] += l_con.detach()
-            terms["regularizer"] += l_reg.detach()
-            terms["steps"] += 1
+            ce_anchor = lane_cross_entropy(scale * d_anc @ head.text.T, epoch_draws["anchor_y"][:, part])
+            l_con = info_nce(F.normalize(d_anc, dim=-1), e_pos, e_neg, tau)
+            loss = weights["c"] * (a * ce_anchor + k_con * l_con)
+            # the regular batch's dropout: drawn only in lanes with a regulariser (as a single run draws it)
+            p_reg = [p if opts[i].regularizer != "none" else 0.0 for i, p in enumerate(head.dropout_p)]
+            d_reg = lane_dropout(e_reg, p_reg, head.generators, head.training)
+            y_reg = y[idx]
+            l_reg = None
+            for kind, lanes in kinds.items():
+                ix = lane_tensor[kind]
+                if kind == "ce":
+                    val = lane_cross_entropy(scale[ix] * d_reg[ix] @ head.text.T, y_reg[ix])
+                elif kind == "supcon":
+                    val = torch.stack([supcon_loss(d_reg[i], y_reg[i], opts[i].tsc_temperature) for i in lanes])
+                elif kind == "tsc":
+                    val = tsc(F.normalize(d_reg[ix], dim=-1), y_reg[ix])
+                else:
+                    val = torch.zeros(len(lanes), device=device)
+                if len(lanes) == S:
+                    l_reg = val
+                else:
+                    l_reg = (torch.zeros(S, device=device) if l_reg is None else l_reg).index_put((ix,), val)
+            with torch.no_grad():
+                terms.add_(torch.stack([ce_anchor, l_con, l_reg]).detach())
+                n_steps.add_(1)
             return loss + l_reg
 
-        terms = {k: torch.zeros((), device=device) for k in ("anchor_ce", "contrastive", "regularizer", "steps")}
         W0 = torch.as_tensor(data.W0, dtype=torch.float32, device=device)
         w0_norm = float(torch.linalg.matrix_norm(W0))
 
-        def epoch_end(hd: ProjectionHead, epoch: int) -> dict:
-            """Diagnostics of one epoch (read by no selection rule)."""
-            steps = max(1.0, float(terms["steps"]))
-            rec = {f"loss_{k}": float(terms[k]) / steps for k in ("anchor_ce", "contrastive", "regularizer")}
-            for v in terms.values():
-                v.zero_()
-            shift = float(torch.linalg.matrix_norm(hd.W - W0))
-            rec.update(
-                c=loss_weight(epoch, o.epochs, o),
-                w_shift=shift,
-                w_shift_rel=shift / w0_norm,
-                logit_scale=float(hd.log_s.exp()),
-            )
-            pred = hd(h).argmax(1).cpu().numpy()
-            rec["train_group_acc"] = group_accuracy(pred, tr.y, tr.g, data.n_groups).tolist()
-            rec["calibration_acc"] = float(np.mean(pred[cal] == tr.y[cal]))
-            if data.directions:
-                rec.update(direction_weights(hd.W.cpu().numpy(), data.text, data.directions))
-            return rec
+        def epoch_end(hd: ProjectionHead, epoch: int) -> list[dict]:
+            """Diagnostics of one epoch per lane (read by no selection rule)."""
+            means = (terms / n_steps.clamp(min=1)).tolist()
+            terms.zero_()
+            n_steps.zero_()
+            shifts = torch.linalg.matrix_norm(hd.W - W0).tolist()
+            scales = hd.log_s.exp().tolist()
+            preds = hd(h).argmax(-1).cpu().numpy()
+            out = []
+            for i, o in enumerate(opts):
+                rec = {f"loss_{k}": means[j][i] for j, k in enumerate(("anchor_ce", "contrastive", "regularizer"))}
+                rec.update(
+                    c=loss_weight(epoch, o.epochs, o),
+                    w_shift=shifts[i],
+                    w_shift_rel=shifts[i] / w0_norm,
+                    logit_scale=scales[i],
+                )
+                rec["train_group_acc"] = group_accuracy(preds[i], tr.y, tr.g, data.n_groups).tolist()
+                cal = samplers[i].cal
+                rec["calibration_acc"] = float(np.mean(preds[i][cal] == tr.y[cal]))
+                if data.directions:
+                    rec.update(direction_weights(hd.W[i].cpu().numpy(), data.text, data.directions))
+                out.append(rec)
+            return out
 
         # the trainable projection starts at the pretrained W0 (not at the reference)
-        head = ProjectionHead.for_features(data, o.logit_scale_init, o.train_logit_scale, o.dropout)
-        epoch_size = n_cal if o.epoch_unit == "calibration" else None
-        torch.manual_seed(seed)
-        self.head, self.history = fit_head(
+        head = ProjectionHead.for_features(
+            data, [o.logit_scale_init for o in opts], o0.train_logit_scale, [o.dropout for o in opts]
+        )
+        heads, histories = fit_head(
             head,
             data,
-            o.projection_options(o.epochs, o.dropout),
-            seed,
+            o0.projection_options(o0.epochs, o0.dropout),
+            seeds,
             step_loss,
             lambda split: split.h,
-            epoch_size=epoch_size,
+            epoch_size=n_epoch,
             epoch_end=epoch_end,
+            selection=[o.selection for o in opts],
         )
-        self.eval_gen = torch.Generator().manual_seed(seed + 2)
+        for m, hd, hist, seed in zip(methods, heads, histories, seeds):
+            m.head, m.history = hd, hist
+            m.eval_gen = torch.Generator().manual_seed(seed + 2)
 
     def logits(self, split: SplitFeatures) -> np.ndarray:
         if not self.options.faithful_release:
@@ -383,10 +539,11 @@ class CFR(ProjectionMethod):
         with torch.no_grad():
             head = self.head
             h = torch.as_tensor(split.h, device=head.W.device)
-            e = head.embed(h)
-            keep = (torch.rand(e.shape, generator=self.eval_gen) >= head.dropout.p).to(e.device)
-            e = e * keep / (1 - head.dropout.p)
-            return (head.log_s.exp() * e @ head.text.T).cpu().numpy()
+            e = head.embed(h)[0]
+            p = head.dropout_p[0]
+            keep = (torch.rand(e.shape, generator=self.eval_gen) >= p).to(e.device)
+            e = e * keep / (1 - p)
+            return (head.log_s.exp()[0] * e @ head.text.T).cpu().numpy()
 
 
 def _flatten_pools(pools: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -5,6 +5,8 @@ All take L2-normalised features.  Shapes: ``B`` anchors, ``P`` positives, ``N`` 
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -12,16 +14,19 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 
-def info_nce(anchor: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, tau: float) -> torch.Tensor:
+def info_nce(
+    anchor: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, tau: float | torch.Tensor
+) -> torch.Tensor:
     """Mean over anchors and positives of InfoNCE(anchor, one positive vs all negatives).
 
-    ``anchor [B, d]``, ``positives [B, P, d]``, ``negatives [B, N, d]``: for positive j,
-    ``-log exp(a.p_j / tau) / (exp(a.p_j / tau) + sum_n exp(a.n / tau))``.
+    ``anchor [..., B, d]``, ``positives [..., B, P, d]``, ``negatives [..., B, N, d]``: for positive j,
+    ``-log exp(a.p_j / tau) / (exp(a.p_j / tau) + sum_n exp(a.n / tau))``.  Leading dimensions (lanes)
+    are kept: the result is ``[...]``; ``tau`` may be a tensor broadcasting against ``[..., B, 1]``.
     """
-    s_pos = torch.einsum("bd,bpd->bp", anchor, positives) / tau  # [B, P]
-    s_neg = torch.einsum("bd,bnd->bn", anchor, negatives) / tau  # [B, N]
-    neg_lse = torch.logsumexp(s_neg, dim=1, keepdim=True)  # [B, 1]
-    return (torch.logaddexp(s_pos, neg_lse) - s_pos).mean()
+    s_pos = torch.einsum("...bd,...bpd->...bp", anchor, positives) / tau  # [..., B, P]
+    s_neg = torch.einsum("...bd,...bnd->...bn", anchor, negatives) / tau  # [..., B, N]
+    neg_lse = torch.logsumexp(s_neg, dim=-1, keepdim=True)  # [..., B, 1]
+    return (torch.logaddexp(s_pos, neg_lse) - s_pos).mean((-2, -1))
 
 
 def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -57,11 +62,12 @@ def simplex_targets(n_classes: int, dim: int, seed: int = 0) -> torch.Tensor:
 
 
 class TSCLoss(nn.Module):
-    """Targeted supervised contrastive loss (Li et al., CVPR 2022) as the CFR release uses it.
+    """Targeted supervised contrastive loss (Li et al., CVPR 2022) as the CFR release uses it, for ``S``
+    lanes at once (one per seed in ``seeds``; each lane has its own queue, centroids and targets).
 
     The query is its own key (as in the release, which passes one feature batch twice).  Keys: a queue
     of past features with their labels, plus the class targets (a maximally spread simplex).  Each
-    class is matched to a target by the Hungarian assignment between EMA class centroids and the
+    class is matched to a target by the optimal assignment between EMA class centroids and the
     targets.  Loss = SupCon over the queue positives + ``target_weight`` x the target term + the
     cross-entropy of the self-positive; then the batch enters the queue.
     """
@@ -73,54 +79,82 @@ class TSCLoss(nn.Module):
         queue: int = 1280,
         temperature: float = 0.07,
         target_weight: float = 0.2,
-        seed: int = 0,
+        seed: int | list[int] = 0,
     ):
         super().__init__()
-        gen = torch.Generator().manual_seed(seed + 7)
+        seeds = [seed] if isinstance(seed, int) else list(seed)
         self.temperature, self.target_weight, self.n_classes = temperature, target_weight, n_classes
-        self.register_buffer("targets", simplex_targets(n_classes, dim, seed))
-        self.register_buffer("queue", F.normalize(torch.randn(queue, dim, generator=gen), dim=1))
-        self.register_buffer("queue_labels", torch.full((queue,), -1, dtype=torch.long))
-        self.register_buffer("centroids", F.normalize(torch.randn(n_classes, dim, generator=gen), dim=1))
+        queues, centroids = [], []
+        for s in seeds:
+            gen = torch.Generator().manual_seed(s + 7)
+            queues.append(F.normalize(torch.randn(queue, dim, generator=gen), dim=1))
+            centroids.append(F.normalize(torch.randn(n_classes, dim, generator=gen), dim=1))
+        self.register_buffer("targets", torch.stack([simplex_targets(n_classes, dim, s) for s in seeds]))  # [S, C, d]
+        self.register_buffer("queue", torch.stack(queues))  # [S, K, d]
+        self.register_buffer("queue_labels", torch.full((len(seeds), queue), -1, dtype=torch.long))  # [S, K]
+        self.register_buffer("centroids", torch.stack(centroids))  # [S, C, d]
         self.ptr = 0
+        # the optimal assignment by enumeration when C! is small (on the device, no host sync), else scipy
+        self.register_buffer(
+            "perms",
+            torch.tensor(list(itertools.permutations(range(n_classes))), dtype=torch.long)
+            if n_classes <= 6
+            else torch.empty(0, n_classes, dtype=torch.long),
+        )
 
     @torch.no_grad()
     def _assign(self, q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Target index of every class, after updating the EMA centroids with this batch."""
-        for c in labels.unique():
-            batch_mean = F.normalize(q[labels == c].mean(0), dim=0)
-            self.centroids[c] = F.normalize(0.9 * self.centroids[c] + 0.1 * batch_mean, dim=0)
-        rows, cols = linear_sum_assignment(-(self.centroids @ self.targets.T).cpu().numpy())
-        out = torch.empty(self.n_classes, dtype=torch.long, device=q.device)
-        out[torch.as_tensor(rows)] = torch.as_tensor(cols, device=q.device)
-        return out
+        """Target index of every class ``[S, C]``, after updating the EMA centroids with this batch."""
+        onehot = F.one_hot(labels, self.n_classes).to(q.dtype)  # [S, B, C]
+        counts = onehot.sum(1)  # [S, C]
+        batch_mean = F.normalize(onehot.transpose(1, 2) @ q / counts.clamp(min=1)[..., None], dim=-1)
+        updated = F.normalize(0.9 * self.centroids + 0.1 * batch_mean, dim=-1)
+        self.centroids.copy_(torch.where(counts[..., None] > 0, updated, self.centroids))
+        sim = self.centroids @ self.targets.transpose(1, 2)  # [S, C, C]: class x target
+        if len(self.perms):  # maximise the total similarity over all class -> target permutations
+            C = self.n_classes
+            total = sim[:, torch.arange(C, device=q.device), self.perms].sum(-1)  # [S, C!]
+            return self.perms[total.argmax(1)]
+        out = []
+        for lane in sim.cpu().numpy():
+            rows, cols = linear_sum_assignment(-lane)
+            out.append(torch.as_tensor(cols[np.argsort(rows)], device=q.device))
+        return torch.stack(out)
 
     def forward(self, q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """``q [B, d]`` normalised features, ``labels [B]``."""
-        target_of_class = self._assign(q.detach(), labels)
+        """``q [S, B, d]`` (or ``[B, d]`` for one lane) normalised features, ``labels [S, B]`` -> loss ``[S]``."""
+        if q.dim() == 2:
+            return self.forward(q[None], labels[None])
+        target_of_class = self._assign(q.detach(), labels)  # [S, C]
         t = self.temperature
-        keys = torch.cat([self.queue, self.targets]).detach()
-        self_logit = (q * q).sum(1) / t  # [B]
-        lse = torch.logsumexp(torch.cat([self_logit[:, None], q @ keys.T / t], dim=1), dim=1)  # [B], over 1+K+C
-        # log_prob = logit - lse, so each sum over positives is one masked matmul minus count * lse
-        class_pos = (labels[:, None] == self.queue_labels[None, :]).float()  # [B, K]
-        n_class = class_pos.sum(1)
+        keys = torch.cat([self.queue, self.targets], dim=1).detach()  # [S, K + C, d]
+        self_logit = (q * q).sum(-1) / t  # [S, B]
+        lse = torch.logsumexp(torch.cat([self_logit[..., None], q @ keys.transpose(1, 2) / t], dim=-1), dim=-1)
+        # log_prob = logit - lse, so each sum over positives is a sum of queue features minus count * lse;
+        # the queue features of class c sum once per lane ([S, C, d]) instead of once per sample
+        queue_onehot = F.one_hot(self.queue_labels.clamp(min=0), self.n_classes).to(q.dtype)
+        queue_onehot = queue_onehot * (self.queue_labels >= 0)[..., None]  # unfilled slots (label -1) count nowhere
+        class_sum = queue_onehot.transpose(1, 2) @ self.queue  # [S, C, d]
+        class_count = queue_onehot.sum(1)  # [S, C]
+        n_class = class_count.gather(1, labels)  # [S, B]
+        pos_sum = class_sum.gather(1, labels[..., None].expand(-1, -1, q.shape[-1]))  # [S, B, d]
         # the release's class mask has a 1 in the self column too: the self log-prob counts among the
         # class positives *and* again as the separate self term (loss_logit) below
-        sum_class = (q * (class_pos @ self.queue) / t).sum(1) - n_class * lse + (self_logit - lse)
-        target = self.targets[target_of_class[labels]]  # [B, d]: each sample's class target
-        sum_target = (q * target).sum(1) / t - lse
+        sum_class = (q * pos_sum / t).sum(-1) - n_class * lse + (self_logit - lse)
+        target = self.targets.gather(1, target_of_class.gather(1, labels)[..., None].expand(-1, -1, q.shape[-1]))
+        sum_target = (q * target).sum(-1) / t - lse
         denom = 2.0 + n_class  # self + queue positives + the target
-        loss_class = -(sum_class / denom).mean()
-        loss_target = -(sum_target / denom).mean()
-        loss_self = -(self_logit - lse).mean()
+        loss_class = -(sum_class / denom).mean(1)
+        loss_target = -(sum_target / denom).mean(1)
+        loss_self = -(self_logit - lse).mean(1)
         self._enqueue(q.detach(), labels)
         return loss_class + self.target_weight * loss_target + loss_self
 
     @torch.no_grad()
     def _enqueue(self, q: torch.Tensor, labels: torch.Tensor) -> None:
-        n = min(len(q), len(self.queue))
-        slots = (self.ptr + torch.arange(n)) % len(self.queue)
-        self.queue[slots] = q[:n]
-        self.queue_labels[slots] = labels[:n]
-        self.ptr = int((self.ptr + n) % len(self.queue))
+        K = self.queue.shape[1]
+        n = min(q.shape[1], K)
+        slots = ((self.ptr + torch.arange(n)) % K).to(q.device)
+        self.queue[:, slots] = q[:, :n]
+        self.queue_labels[:, slots] = labels[:, :n]
+        self.ptr = int((self.ptr + n) % K)

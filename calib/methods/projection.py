@@ -2,20 +2,20 @@
 
 :class:`ProjectionHead` is the trainable part CFR and CLIP+ERM share: ``W [d_h, d]`` and ``b [d]``
 start at the pretrained ``W0``, ``b0``; the text prototypes are frozen; the logit scale ``s`` is
-optionally trainable.  ``logits(h) = s * dropout(norm(h @ W + b)) @ T^T``.
+optionally trainable.  ``logits(h) = s * dropout(norm(h @ W + b)) @ T^T``.  It holds ``S`` such heads
+as lanes (:mod:`calib.methods.lanes`), so several seeds or settings train in one pass.
 
-:func:`fit_projection` runs epochs of SGD over the training split with a caller-supplied loss and
-selects an epoch by one of :data:`SELECTION_RULES`.
+:func:`fit_head` runs epochs of SGD (or Adam) over the training split with a caller-supplied per-lane
+loss and selects an epoch per lane by one of :data:`SELECTION_RULES`.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from torch import nn
 
 from calib.features import FeatureSet, SplitFeatures
 from calib.methods.base import Method, register
+from calib.methods.lanes import LaneModule, lane_cross_entropy, lane_dropout, lane_generators
 from calib.metrics import group_accuracy, worst_class_accuracy, worst_group_accuracy
 
 log = logging.getLogger(__name__)
@@ -52,50 +53,87 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-class ProjectionHead(nn.Module):
-    """Trainable final projection with a frozen zero-shot text head.
+class ProjectionHead(LaneModule):
+    """Trainable final projections (``S`` lanes) with a frozen zero-shot text head.
 
     Args:
         W0: ``[d_h, d]`` pretrained projection; b0: ``[d]`` its bias (zeros for ViT).
-        text: ``[C, d]`` normalised class prototypes (frozen buffer).
-        logit_scale: initial ``s``; trained in log space when ``train_scale``.
-        dropout: dropout on the normalised image feature, active in training mode only.
+        text: ``[C, d]`` normalised class prototypes (frozen buffer shared by the lanes).
+        logit_scale: initial ``s`` (one per lane, or one for all); trained in log space when ``train_scale``.
+        dropout: dropout rate on the normalised image feature per lane (or one for all), training only;
+            lane s draws its masks from ``generators[s]`` (set by :func:`fit_head`).
+        lanes: ``S``, the number of lanes (every lane starts at ``W0``).
 
-    The bias trains only when the tower has one (RN50's ``attnpool.c_proj``); a ViT's ``proj`` has
-    none (``b0`` all zeros), and the release trains no bias there, so neither does calib.
+    Parameters: ``W [S, d_h, d]``, ``b [S, 1, d]``, ``log_s [S]``.  ``embed(h)`` maps ``h [n, d_h]`` (shared) or
+    ``[S, n, d_h]`` to ``[S, n, d]``; ``forward`` gives logits ``[S, n, C]``.  A trained method keeps its own
+    lane alone (``S = 1``).  The bias trains only when the tower has one (RN50's ``attnpool.c_proj``); a ViT's
+    ``proj`` has none (``b0`` all zeros), and the release trains no bias there, so neither does calib.
     """
+
+    shared = ("text",)
 
     def __init__(
         self,
         W0: np.ndarray,
         b0: np.ndarray,
         text: np.ndarray,
-        logit_scale: float,
+        logit_scale: float | Sequence[float],
         train_scale: bool = True,
-        dropout: float = 0.0,
+        dropout: float | Sequence[float] = 0.0,
+        lanes: int = 1,
     ):
         super().__init__()
-        self.W = nn.Parameter(torch.as_tensor(W0, dtype=torch.float32).clone())
-        self.b = nn.Parameter(torch.as_tensor(b0, dtype=torch.float32).clone(), requires_grad=bool(np.any(b0)))
+        scales = [float(logit_scale)] * lanes if np.isscalar(logit_scale) else [float(v) for v in logit_scale]
+        lanes = len(scales)
+        W = torch.as_tensor(W0, dtype=torch.float32)
+        b = torch.as_tensor(b0, dtype=torch.float32)
+        self.W = nn.Parameter(W.expand(lanes, *W.shape).clone())
+        self.b = nn.Parameter(b.expand(lanes, 1, *b.shape).clone(), requires_grad=bool(np.any(b0)))
         self.register_buffer("text", torch.as_tensor(text, dtype=torch.float32).clone())
-        log_s = torch.tensor(math.log(logit_scale), dtype=torch.float32)
-        self.log_s = nn.Parameter(log_s) if train_scale else nn.Parameter(log_s, requires_grad=False)
-        self.dropout = nn.Dropout(dropout)
+        log_s = torch.log(torch.tensor(scales, dtype=torch.float32))
+        self.log_s = nn.Parameter(log_s, requires_grad=train_scale)
+        self.dropout_p = [float(dropout)] * lanes if np.isscalar(dropout) else [float(v) for v in dropout]
+        self.generators: list | None = None
 
     @classmethod
     def for_features(
-        cls, data: FeatureSet, logit_scale_init: str, train_scale: bool = True, dropout: float = 0.0
+        cls,
+        data: FeatureSet,
+        logit_scale_init: str | Sequence[str],
+        train_scale: bool = True,
+        dropout: float | Sequence[float] = 0.0,
     ) -> ProjectionHead:
-        """A head at the pretrained ``W0`` of ``data``, its scale chosen by :func:`initial_logit_scale`."""
-        return cls(data.W0, data.b0, data.text, initial_logit_scale(data, logit_scale_init), train_scale, dropout)
+        """Heads at the pretrained ``W0`` of ``data``, one lane per entry of ``logit_scale_init`` (each
+        chosen by :func:`initial_logit_scale`)."""
+        inits = [logit_scale_init] if isinstance(logit_scale_init, str) else list(logit_scale_init)
+        scales = [initial_logit_scale(data, r) for r in inits]
+        return cls(data.W0, data.b0, data.text, scales, train_scale, dropout)
+
+    def extra_lane_state_select(self, index: torch.Tensor) -> None:
+        self.dropout_p = [self.dropout_p[i] for i in index.tolist()]
+        self.generators = None if self.generators is None else [self.generators[i] for i in index.tolist()]
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """Unnormalised ``h @ W + b``: ``[n, d_h]`` or ``[S, n, d_h]`` -> ``[S, n, d]``."""
+        if h.dim() == 2:
+            h = h.expand(self.W.shape[0], *h.shape)
+        return torch.baddbmm(self.b, h, self.W)
 
     def embed(self, h: torch.Tensor) -> torch.Tensor:
-        """Normalised image embeddings ``[n, d]`` of pre-projection features ``h [n, d_h]``."""
-        return F.normalize(h @ self.W + self.b, dim=-1)
+        """Normalised image embeddings ``[S, n, d]`` of pre-projection features ``h``."""
+        return F.normalize(self.project(h), dim=-1)
+
+    def dropout(self, e: torch.Tensor) -> torch.Tensor:
+        """Each lane's dropout on features ``e [S, n, d]`` (identity in eval mode)."""
+        return lane_dropout(e, self.dropout_p, self.generators or [None] * len(self.dropout_p), self.training)
+
+    def scale(self) -> torch.Tensor:
+        """``s`` per lane, ``[S, 1, 1]``."""
+        return self.log_s.exp()[:, None, None]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits ``[n, C]``."""
-        return self.log_s.exp() * self.dropout(self.embed(h)) @ self.text.T
+        """Logits ``[S, n, C]``."""
+        return self.scale() * self.dropout(self.embed(h)) @ self.text.T
 
 
 @dataclass
@@ -129,50 +167,59 @@ def selection_score(rule: str, pred: np.ndarray, split: SplitFeatures, n_groups:
     raise ValueError(f"unknown selection rule {rule!r}; known: {sorted(SELECTION_RULES)}")
 
 
-def fit_projection(
-    data: FeatureSet,
-    opts: ClipERMOptions,
-    seed: int,
-    step_loss: Callable[[ProjectionHead, torch.Tensor, int], torch.Tensor],
-    head: ProjectionHead | None = None,
-) -> tuple[ProjectionHead, list[dict]]:
-    """Train a projection head on ``h``; return the selected head and per-epoch history.
+@dataclass
+class Step:
+    """One training step of :func:`fit_head`, for every lane at once."""
 
-    ``step_loss(head, batch_idx, epoch)`` returns the loss of one step given the indices of a
-    training mini-batch (the caller holds the tensors).  Deterministic under ``seed``.
-    """
-    torch.manual_seed(seed)
-    if head is None:
-        head = ProjectionHead.for_features(data, opts.logit_scale_init, opts.train_logit_scale, opts.dropout)
-    return fit_head(head, data, opts, seed, step_loss, lambda split: split.h)
+    idx: torch.Tensor  # [S, B] indices (into range(epoch_size)) of each lane's mini-batch
+    epoch: int
+    start: int  # position of the mini-batch within the epoch's order
+
+
+StepLoss = Callable[[LaneModule, Step], torch.Tensor]  # -> per-lane loss [S]
 
 
 def fit_head(
-    head: nn.Module,
+    head: LaneModule,
     data: FeatureSet,
     opts: ProjectionOptions,
-    seed: int,
-    step_loss: Callable[[nn.Module, torch.Tensor, int], torch.Tensor],
+    seeds: Sequence[int],
+    step_loss: StepLoss,
     inputs: Callable[[SplitFeatures], np.ndarray],
     optimizer: str = "sgd",
     epoch_size: int | None = None,
-    epoch_end: Callable[[nn.Module, int], dict] | None = None,
-) -> tuple[nn.Module, list[dict]]:
-    """The one training loop: epochs of mini-batches over the training split, epoch selection.
+    epoch_end: Callable[[LaneModule, int], list[dict]] | None = None,
+    selection: Sequence[str] | None = None,
+) -> tuple[list[LaneModule], list[list[dict]]]:
+    """The one training loop: epochs of mini-batches over the training split, epoch selection, for the
+    ``S = len(seeds)`` lanes of ``head`` at once.
 
-    ``head(inputs(split))`` gives logits ``[n, C]``; ``optimizer`` is ``"sgd"`` (with ``opts``'
-    momentum) or ``"adam"``.  Returns the head at the selected epoch and the per-epoch history
-    (loss, mean gradient norm, val WGA and per-group accuracy, val worst-class accuracy, val accuracy;
-    ``selected`` marks the chosen epoch).  ``epoch_end(head, epoch)`` (head in eval mode) may add diagnostics to each
-    epoch's record.  An epoch is a shuffled pass over ``range(epoch_size)`` (default: the training
-    split's size).
+    Lane s shuffles with its own generator (seeded ``seeds[s]``) and draws its dropout masks from another
+    (also seeded ``seeds[s]``, the stream ``torch.manual_seed(seed)`` gave a single run).  ``step_loss``
+    returns the per-lane loss ``[S]``; the optimiser (``"sgd"`` with ``opts``' momentum, or ``"adam"``) steps
+    on its sum, which updates each lane by its own loss only.  ``head(inputs(split))`` gives logits
+    ``[S, n, C]``.  An epoch is a shuffled pass over ``range(epoch_size)`` (default: the training split).
+
+    Returns, per lane, the head holding that lane alone (``S = 1``) at the epoch its rule (``selection[s]``,
+    default ``opts.selection``) chose, and its per-epoch history (loss, mean gradient norm, val WGA and
+    per-group accuracy, val worst-class accuracy, val accuracy; ``selected`` marks the chosen epoch;
+    ``epoch_end(head, epoch)``, head in eval mode, may add per-lane diagnostics).  Every rule's choice is
+    kept (``head.selected_states``), so a protocol change needs no re-training.  No host sync inside a step:
+    losses and gradient norms accumulate on the device and are read once per epoch.
     """
-    if opts.selection not in SELECTION_RULES:
-        raise ValueError(f"unknown selection rule {opts.selection!r}; known: {sorted(SELECTION_RULES)}")
+    selection = list(selection or [opts.selection] * len(seeds))
+    if len(selection) != len(seeds):
+        raise ValueError(f"{len(seeds)} lanes but {len(selection)} selection rules")
+    for rule in selection:
+        if rule not in SELECTION_RULES:
+            raise ValueError(f"unknown selection rule {rule!r}; known: {sorted(SELECTION_RULES)}")
     if opts.epochs < 1:
         raise ValueError("epochs must be >= 1")
     device = resolve_device(opts.device)
     head = head.to(device)
+    S = len(seeds)
+    if head.lanes != S:
+        raise ValueError(f"the head has {head.lanes} lanes for {S} seeds")
     params = [p for p in head.parameters() if p.requires_grad]
     if optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay)
@@ -181,59 +228,74 @@ def fit_head(
     else:
         raise ValueError(f"unknown optimizer {optimizer!r}; use 'sgd' or 'adam'")
     n = epoch_size or len(data.splits["train"])
-    gen = torch.Generator().manual_seed(seed)
+    order_gens = lane_generators(seeds)
+    head.generators = lane_generators(seeds, device=device)  # dropout masks
     val = data.splits.get("val")
     h_val = torch.as_tensor(inputs(val), device=device) if val is not None else None
-    if opts.selection != "last" and val is None:
-        raise ValueError(f"selection {opts.selection!r} needs a validation split")
-    best = {rule: (-np.inf, None, 0) for rule in SELECTION_RULES}  # rule -> (score, state, epoch)
-    history = []
+    if val is None and any(rule != "last" for rule in selection):
+        raise ValueError(f"selection {selection} needs a validation split")
+    rules = [r for r in SELECTION_RULES if r == "last" or val is not None]
+    best = [{rule: (-np.inf, None, 0) for rule in rules} for _ in range(S)]  # lane -> rule -> (score, state, epoch)
+    history: list[list[dict]] = [[] for _ in range(S)]
     for epoch in range(opts.epochs):
         head.train()
-        loss_sum = torch.zeros((), device=device)
-        grad_sum = torch.zeros((), device=device)
-        batches = torch.randperm(n, generator=gen).split(opts.batch_size)
-        for idx in batches:
-            loss = step_loss(head, idx.to(device), epoch)
+        order = torch.stack([torch.randperm(n, generator=g) for g in order_gens]).to(device)  # [S, n]
+        loss_sum = torch.zeros(S, device=device)
+        grad_sum = torch.zeros(S, device=device)
+        starts = range(0, n, opts.batch_size)
+        for start in starts:
+            loss = step_loss(head, Step(order[:, start : start + opts.batch_size], epoch, start))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.sum().backward()
             with torch.no_grad():  # accumulated on the device: no host sync inside the step
                 loss_sum += loss.detach()
-                grad_sum += torch.linalg.vector_norm(
-                    torch.stack([torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None])
-                )
+                grad_sum += lane_grad_norm(params, S)
             opt.step()
         head.eval()
-        rec = {"epoch": epoch, "loss": float(loss_sum) / len(batches), "grad_norm": float(grad_sum) / len(batches)}
+        losses, grads = (loss_sum / len(starts)).tolist(), (grad_sum / len(starts)).tolist()
+        recs = [{"epoch": epoch, "loss": losses[s], "grad_norm": grads[s]} for s in range(S)]
         if val is not None:
             with torch.no_grad():
-                pred = head(h_val).argmax(1).cpu().numpy()
-            val_groups = group_accuracy(pred, val.y, val.g, data.n_groups)
-            rec["val_wga"] = float(np.nanmin(val_groups))
-            rec["val_group_acc"] = val_groups.tolist()
-            rec["val_worst_class"] = worst_class_accuracy(pred, val.y, data.n_classes)
-            rec["val_acc"] = float(np.mean(pred == val.y))
+                preds = head(h_val).argmax(-1).cpu().numpy()
+            for rec, pred in zip(recs, preds):
+                val_groups = group_accuracy(pred, val.y, val.g, data.n_groups)
+                rec["val_wga"] = float(np.nanmin(val_groups))
+                rec["val_group_acc"] = val_groups.tolist()
+                rec["val_worst_class"] = worst_class_accuracy(pred, val.y, data.n_classes)
+                rec["val_acc"] = float(np.mean(pred == val.y))
         if epoch_end is not None:
             with torch.no_grad():
-                rec.update(epoch_end(head, epoch))
-        history.append(rec)
-        for rule in SELECTION_RULES:  # every rule's choice is kept: a protocol change needs no re-training
-            if rule != "last" and val is None:
-                continue
-            score = epoch if rule == "last" else rec[rule]
-            if score > best[rule][0]:  # strict: ties keep the earlier epoch
-                best[rule] = (score, copy.deepcopy(head.state_dict()), epoch)
-    head.selected_states = {rule: (state, epoch) for rule, (_, state, epoch) in best.items() if state is not None}
-    select_state(head, history, opts.selection)
-    return head, history
+                for rec, extra in zip(recs, epoch_end(head, epoch)):
+                    rec.update(extra)
+        for s, rec in enumerate(recs):
+            history[s].append(rec)
+            for rule in rules:
+                score = epoch if rule == "last" else rec[rule]
+                if score > best[s][rule][0]:  # strict: ties keep the earlier epoch; a copy only on improvement
+                    best[s][rule] = (score, head.lane_state(s), epoch)
+    heads = []
+    for s in range(S):
+        lane = head.select([s])
+        lane.generators = None
+        lane.selected_states = {rule: (state, epoch) for rule, (_, state, epoch) in best[s].items()}
+        select_state(lane, history[s], selection[s])
+        heads.append(lane)
+    return heads, history
 
 
-def select_state(head: nn.Module, history: list[dict], rule: str) -> None:
-    """Load the epoch ``rule`` chose during :func:`fit_head` and mark it ``selected`` in ``history``."""
+def lane_grad_norm(params: list[torch.Tensor], lanes: int) -> torch.Tensor:
+    """Per-lane gradient norm over all parameters, ``[S]``."""
+    norms = [torch.linalg.vector_norm(p.grad.reshape(lanes, -1), dim=1) for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms), dim=0)
+
+
+def select_state(head: LaneModule, history: list[dict], rule: str) -> None:
+    """Load the epoch ``rule`` chose during :func:`fit_head` into the one-lane ``head`` and mark it
+    ``selected`` in ``history``."""
     if rule not in head.selected_states:
         raise ValueError(f"selection {rule!r} was not tracked (no validation split?)")
     state, epoch = head.selected_states[rule]
-    head.load_state_dict(state)
+    head.load_lane_state(0, state)
     head.eval()
     for rec in history:
         rec.pop("selected", None)
@@ -241,9 +303,27 @@ def select_state(head: nn.Module, history: list[dict], rule: str) -> None:
 
 
 class ProjectionMethod(Method):
-    """Shared prediction for methods whose result is a trained torch head (``self.head``)."""
+    """Shared prediction and lane batching for methods whose result is a trained torch head (``self.head``,
+    one lane).  Subclasses implement :meth:`fit_lanes`; ``fit`` is its one-lane case."""
 
     uses = ("h", "text", "train")
+    # options that must agree for runs to train as lanes of one pass (the others may differ lane by lane)
+    shared_options: ClassVar[tuple[str, ...]] = (
+        "epochs",
+        "batch_size",
+        "lr",
+        "momentum",
+        "weight_decay",
+        "train_logit_scale",
+        "device",
+    )
+
+    @classmethod
+    def lane_key(cls, options: Any) -> Hashable | None:
+        return tuple(getattr(options, k) for k in cls.shared_options if hasattr(options, k))
+
+    def fit(self, data: FeatureSet, seed: int) -> None:
+        type(self).fit_lanes([self], data, [seed])
 
     def required_labels(self) -> str:
         return SELECTION_RULES[self.options.selection] if self.label_needs == "none" else self.label_needs
@@ -260,7 +340,7 @@ class ProjectionMethod(Method):
     def logits(self, split: SplitFeatures) -> np.ndarray:
         with torch.no_grad():
             x = torch.as_tensor(self.inputs(split), device=next(self.head.parameters()).device)
-            return self.head(x).cpu().numpy()
+            return self.head(x)[0].cpu().numpy()
 
 
 @register
@@ -271,13 +351,25 @@ class ClipERM(ProjectionMethod):
     Options = ClipERMOptions
     summary = "CE fine-tuning of the image projection through the zero-shot head (CFR step 1)"
 
-    def fit(self, data: FeatureSet, seed: int) -> None:
-        device = resolve_device(self.options.device)
+    @classmethod
+    def fit_lanes(cls, methods: list[Method], data: FeatureSet, seeds: list[int]) -> None:
+        o = methods[0].options
+        device = resolve_device(o.device)
         tr = data.splits["train"]
         h = torch.tensor(tr.h, device=device)
         y = torch.tensor(tr.y, device=device)
+        head = ProjectionHead.for_features(
+            data,
+            [m.options.logit_scale_init for m in methods],
+            o.train_logit_scale,
+            [m.options.dropout for m in methods],
+        )
 
-        def ce(head: ProjectionHead, idx: torch.Tensor, epoch: int) -> torch.Tensor:
-            return F.cross_entropy(head(h[idx]), y[idx])
+        def ce(head: ProjectionHead, step: Step) -> torch.Tensor:
+            return lane_cross_entropy(head(h[step.idx]), y[step.idx])
 
-        self.head, self.history = fit_projection(data, self.options, seed, ce)
+        heads, histories = fit_head(
+            head, data, o, seeds, ce, lambda split: split.h, selection=[m.options.selection for m in methods]
+        )
+        for m, hd, hist in zip(methods, heads, histories):
+            m.head, m.history = hd, hist

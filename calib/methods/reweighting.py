@@ -16,7 +16,8 @@ from torch import nn
 from calib.features import FeatureSet, SplitFeatures
 from calib.methods.base import register
 from calib.methods.heads import LogisticHead, normalize
-from calib.methods.projection import ProjectionMethod, ProjectionOptions, fit_head, resolve_device
+from calib.methods.lanes import LaneModule
+from calib.methods.projection import ProjectionMethod, ProjectionOptions, Step, fit_head, resolve_device
 
 
 @dataclass
@@ -85,17 +86,22 @@ class AFR(LogisticHead):
         self.clf.fit(x[held], tr.y[held], sample_weight=w * len(w))
 
 
-class LinearHead(nn.Module):
-    """A linear classifier on normalised embeddings, trained from zero (a head started at the
-    zero-shot ``s * T`` saturates the loss when ``s`` is CLIP's 100 and barely moves)."""
+class LinearHead(LaneModule):
+    """Linear classifiers on normalised embeddings (``S`` lanes), trained from zero (a head started at the
+    zero-shot ``s * T`` saturates the loss when ``s`` is CLIP's 100 and barely moves).
 
-    def __init__(self, n_classes: int, dim: int):
+    ``weight [S, C, d]``, ``bias [S, 1, C]``; ``forward`` maps ``[n, d]`` or ``[S, n, d]`` to ``[S, n, C]``.
+    """
+
+    def __init__(self, n_classes: int, dim: int, lanes: int = 1):
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(n_classes, dim))
-        self.bias = nn.Parameter(torch.zeros(n_classes))
+        self.weight = nn.Parameter(torch.zeros(lanes, n_classes, dim))
+        self.bias = nn.Parameter(torch.zeros(lanes, 1, n_classes))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return F.normalize(z, dim=-1) @ self.weight.T + self.bias
+        if z.dim() == 2:
+            z = z.expand(self.weight.shape[0], *z.shape)
+        return torch.baddbmm(self.bias, F.normalize(z, dim=-1), self.weight.transpose(1, 2))
 
 
 @dataclass
@@ -120,26 +126,40 @@ class GroupDRO(ProjectionMethod):
     def inputs(self, split: SplitFeatures) -> np.ndarray:
         return split.z
 
-    def fit(self, data: FeatureSet, seed: int) -> None:
-        device = resolve_device(self.options.device)
+    @classmethod
+    def fit_lanes(cls, methods: list[GroupDRO], data: FeatureSet, seeds: list[int]) -> None:
+        o = methods[0].options
+        device = resolve_device(o.device)
         tr = data.splits["train"]
         z = torch.as_tensor(tr.z, device=device)
         y = torch.tensor(tr.y, device=device)
         g = torch.tensor(tr.g, device=device)
-        q = torch.ones(data.n_groups, device=device) / data.n_groups
-        eta = self.options.eta
+        S, G = len(methods), data.n_groups
+        q = torch.ones(S, G, device=device) / G  # each lane's group weights
+        eta = torch.tensor([m.options.eta for m in methods], device=device)[:, None]
 
-        def loss(head: nn.Module, idx: torch.Tensor, epoch: int) -> torch.Tensor:
+        def loss(head: nn.Module, step: Step) -> torch.Tensor:
             nonlocal q
-            per = F.cross_entropy(head(z[idx]), y[idx], reduction="none")
-            counts = torch.bincount(g[idx], minlength=data.n_groups).float()
-            group_loss = torch.zeros(data.n_groups, device=device).index_add(0, g[idx], per) / counts.clamp(min=1)
+            idx = step.idx
+            logits = head(z[idx])  # [S, B, C]
+            per = F.cross_entropy(logits.flatten(0, 1), y[idx].flatten(), reduction="none").view(idx.shape)
+            onehot = F.one_hot(g[idx], G).to(per.dtype)  # [S, B, G]
+            counts = onehot.sum(1)  # [S, G]
+            group_loss = (onehot * per[..., None]).sum(1) / counts.clamp(min=1)
             with torch.no_grad():  # exponentiated-gradient ascent on the group weights
                 q = q * torch.exp(eta * group_loss.detach() * (counts > 0))
-                q = q / q.sum()
-            return (q * group_loss).sum()
+                q = q / q.sum(1, keepdim=True)
+            return (q * group_loss).sum(1)
 
-        torch.manual_seed(seed)
-        head = LinearHead(data.n_classes, z.shape[1])
-        self.head, self.history = fit_head(head, data, self.options, seed, loss, self.inputs, optimizer="adam")
-        self.group_weights = q.cpu().numpy().tolist()
+        heads, histories = fit_head(
+            LinearHead(data.n_classes, z.shape[1], S),
+            data,
+            o,
+            seeds,
+            loss,
+            lambda split: split.z,
+            optimizer="adam",
+            selection=[m.options.selection for m in methods],
+        )
+        for i, (m, hd, hist) in enumerate(zip(methods, heads, histories)):
+            m.head, m.history, m.group_weights = hd, hist, q[i].cpu().numpy().tolist()
