@@ -60,30 +60,101 @@ def synthetic_features(d_h: int = 1024, d: int = 768, scale: float = 1.0, seed: 
     )
 
 
+def gemm_peak(m: int = 3000, k: int = 1024, n: int = 768, seconds: float = 1.0, device: str = "cpu") -> float:
+    """This machine's fp32 matrix-product rate now, GFLOP/s: ``[m, k] @ [k, n]`` repeated for ``seconds``
+    with torch's current thread count (the roofline the methods are held against)."""
+    import torch
+
+    a = torch.randn(m, k, device=device)
+    b = torch.randn(k, n, device=device)
+    for _ in range(3):
+        a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9
+
+
+def count_flops(name: str, features: FeatureSet, seed: int, options: dict | None = None) -> float:
+    """Matrix-product FLOPs (forward and backward: mm, bmm, addmm, baddbmm, einsum products) of fitting and
+    evaluating ``name``, counted by ``torch.utils.flop_counter``.  Methods trained for ``epochs`` (and CFR's
+    ``reference_epochs``) are counted at 1 and 2 epochs and extrapolated linearly to the epochs the
+    options ask for (an epoch's work does not depend on its index); others are counted in full.  NaN for
+    methods whose work is not torch (scikit-learn solvers)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from calib.methods import make_options
+    from calib.methods.cfr import clear_reference_cache
+
+    opts = dict(options or {})
+    full = make_options(name, opts)
+    epoch_keys = [k for k in ("epochs", "reference_epochs") if hasattr(full, k)]
+
+    def counted(overrides: dict) -> float:
+        clear_reference_cache()
+        with FlopCounterMode(display=False) as counter:
+            run_method(name, features, seed, {**opts, **overrides})
+        return float(counter.get_total_flops())
+
+    if not epoch_keys or name == "contrastive_adapter":  # the adapter rescales its epochs: count it whole
+        total = counted({})
+    else:
+        one, two = counted(dict.fromkeys(epoch_keys, 1)), counted(dict.fromkeys(epoch_keys, 2))
+        total = one + (two - one) * (full.epochs - 1)
+    return total if total > 0 else float("nan")
+
+
 def time_methods(
     features: FeatureSet,
     methods: list[str] | None = None,
     seeds: tuple[int, ...] = (0,),
     options: dict[str, dict] | None = None,
+    lanes: bool = True,
+    flops: bool = True,
 ) -> pd.DataFrame:
-    """Wall seconds of fit + evaluation per method and seed, with test WGA and accuracy."""
+    """Wall seconds of fit + evaluation per method and seed, with test WGA and accuracy.
+
+    With ``lanes`` the seeds of a method that can share a pass (:meth:`Method.lane_key`) run as its lanes
+    and each seed is charged the pass's time divided by the seeds.  With ``flops`` each row also has the
+    method's matrix-product work per seed (:func:`count_flops`), the rate it achieved and that rate as a
+    fraction of :func:`gemm_peak`, measured in the same call.
+    """
+    from calib.methods import get_method_class, make_options, run_methods
+    from calib.methods.cfr import clear_reference_cache
+
+    peak = gemm_peak() if flops else float("nan")
     rows = []
     for name in methods or [n for n, c in REGISTRY.items() if not c.needs_images()]:  # TPT: `bench tpt`
-        for seed in seeds:
-            seed_everything(seed)
+        opts = (options or {}).get(name)
+        batched = lanes and len(seeds) > 1 and get_method_class(name).lane_key(make_options(name, opts)) is not None
+        groups = [list(seeds)] if batched else [[s] for s in seeds]
+        for group in groups:
+            seed_everything(group[0])
+            clear_reference_cache()
             t0 = time.perf_counter()
-            run = run_method(name, features, seed, (options or {}).get(name))
-            rows.append(
-                {
-                    "method": name,
-                    "seed": seed,
-                    "seconds": time.perf_counter() - t0,
-                    "fit_seconds": run.seconds,
-                    "test_wga": run.metrics["test"]["wga"],
-                    "test_avg_acc": run.metrics["test"]["avg_acc"],
-                }
-            )
-            log.info("%s seed %d: %.1f s", name, seed, rows[-1]["seconds"])
+            runs = run_methods(name, features, group, [opts] * len(group))
+            seconds = (time.perf_counter() - t0) / len(group)
+            for run in runs:
+                rows.append(
+                    {
+                        "method": name,
+                        "seed": run.seed,
+                        "lanes": run.lanes,
+                        "seconds": seconds,
+                        "test_wga": run.metrics["test"]["wga"],
+                        "test_avg_acc": run.metrics["test"]["avg_acc"],
+                    }
+                )
+            log.info("%s seeds %s: %.1f s per seed", name, group, seconds)
+        if flops:
+            gflop = count_flops(name, features, seeds[0], opts) / 1e9
+            for row in rows:
+                if row["method"] == name:
+                    row.update(gflop=gflop, gflops=gflop / row["seconds"], peak_gflops=peak)
+                    row["fraction_of_peak"] = row["gflops"] / peak
     return pd.DataFrame(rows)
 
 

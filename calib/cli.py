@@ -8,7 +8,7 @@
     python -m calib extract --dataset NAME [--root DIR] --model M --pretrained P [--split S]
     python -m calib evaluate --embeddings FILE.npz --method NAME [--seed N] [--option K=V] [--json]
     python -m calib export --dataset NAME --model M --pretrained P --out FILE.npz
-    python -m calib bench methods [--dataset synthetic|toy] [--method NAME] [--seeds 0 1]
+    python -m calib bench methods [--dataset synthetic|toy] [--method NAME] [--seeds 0 1] [--epochs N] [--no-lanes]
     python -m calib bench throughput --model RN50 [--pretrained random] [--device cuda] [--batch-size 64]
     python -m calib plan --profile paper --data-dir DIR [--backbones M:P,...] [--seeds N] [--full-size] [--json]
     python -m calib report readme [--dataset toy]
@@ -227,11 +227,15 @@ def _cmd_bench_methods(args: argparse.Namespace) -> int:
         from calib.experiment import prepare_features
 
         feats = prepare_features(args.dataset, args.model, args.pretrained)
-    df = time_methods(feats, args.method, tuple(args.seeds))
+    from calib.experiment import epoch_options
+
+    options = epoch_options(args.epochs) if args.epochs else None
+    df = time_methods(feats, args.method, tuple(args.seeds), options, lanes=not args.no_lanes, flops=not args.no_flops)
     sizes = {s: len(f) for s, f in feats.splits.items()}
     print(
         f"{feats.meta['dataset']} {sizes}, h dim {feats.splits['train'].h.shape[1]}, "
         f"torch threads {torch.get_num_threads()}"
+        + ("" if args.no_flops else f", GEMM peak measured now: {df['peak_gflops'].iloc[0]:.1f} GFLOP/s")
     )
     print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if args.json:
@@ -395,6 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--d", type=int, default=768, help="synthetic embedding dims")
     bm.add_argument("--method", action="append", help="method(s) to time (default: all)")
     bm.add_argument("--seeds", type=int, nargs="+", default=[0])
+    bm.add_argument(
+        "--epochs", type=int, default=None, help="epochs of every projection-trained method (default: its own)"
+    )
+    bm.add_argument("--no-lanes", action="store_true", help="run the seeds one after another, not as lanes of one pass")
+    bm.add_argument("--no-flops", action="store_true", help="skip the FLOP count and the GEMM-peak measurement")
     bm.add_argument("--json", default=None, help="also write the timings to this JSON file")
     bm.set_defaults(func=_cmd_bench_methods)
     bp = bn.add_parser("tpt", help="TPT's seconds per test image (per-image work: views, one AdamW step)")

@@ -108,3 +108,18 @@ def test_projection_lanes_are_independent(synth):
     one = head.select([1])
     assert one.lanes == 1 and float(one.log_s.detach().exp()) == pytest.approx(20.0)
     torch.testing.assert_close(one(h)[0], head(h)[1])
+
+
+def test_deduplicated_rows_embed_as_the_plain_gather(synth):
+    from calib.methods.cfr import embed_rows
+
+    head = ProjectionHead(synth.W0, synth.b0, synth.text, [10.0, 20.0])
+    with torch.no_grad():
+        head.W[1].mul_(1.5)  # the lanes' projections differ
+    h = torch.as_tensor(synth.splits["train"].h)
+    gen = torch.Generator().manual_seed(0)
+    parts = [torch.randint(0, 10, (2, 6), generator=gen), torch.randint(0, len(h), (2, 6, 3), generator=gen)]
+    for got, want in zip(embed_rows(head, h, parts), embed_rows(head, h, parts, dedupe=False)):
+        assert got.shape == want.shape == (*parts[0].shape[:1], *want.shape[1:])
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(embed_rows(head, h, parts)[1][1, 2, 0], head.embed(h[parts[1][1, 2, 0]][None])[1, 0])

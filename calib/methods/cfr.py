@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from calib.features import FeatureSet, SplitFeatures
 from calib.methods.base import register
 from calib.methods.diagnostics import direction_weights
-from calib.methods.lanes import lane_cross_entropy, lane_dropout
+from calib.methods.lanes import lane_cross_entropy, lane_dropout, unit
 from calib.methods.losses import TSCLoss, info_nce, supcon_loss
 from calib.methods.projection import (
     LOGIT_SCALE_INITS,
@@ -181,6 +181,11 @@ def reference_heads(
         head.load_lane_state(0, state)
         out.append((head.eval(), hist))
     return out
+
+
+def clear_reference_cache() -> None:
+    """Forget the memoised reference heads (timings and FLOP counts that must include their training)."""
+    _REFERENCES.clear()
 
 
 def reference_erm(data: FeatureSet, opts: ClipERMOptions, seed: int) -> tuple[ProjectionHead, list[dict]]:
@@ -330,25 +335,49 @@ class AnchorSampler:
         return out
 
 
-def embed_rows(head: ProjectionHead, h: torch.Tensor, need: torch.Tensor, dedupe: bool) -> torch.Tensor:
-    """Embeddings ``[S, M, d]`` of training rows ``need [S, M]`` (lane s's rows through lane s's projection).
+def embed_rows(
+    head: ProjectionHead, h: torch.Tensor, parts: list[torch.Tensor], dedupe: bool = True
+) -> list[torch.Tensor]:
+    """Embeddings of training rows through each lane's projection: ``parts[i] [S, ...]`` (indices into ``h``)
+    -> ``[S, ..., d]``.
 
-    With ``dedupe`` each lane projects each distinct row once (the same result with fewer FLOPs when rows
-    repeat, as positives and negatives do); lanes are padded to the largest distinct count.
+    With ``dedupe`` (default) each lane projects each distinct row once (the same result with fewer FLOPs:
+    on the toy about 2,400 distinct rows of the 4,352 a step needs; lanes are padded to the largest distinct
+    count); the parts are then gathered from the distinct rows' embeddings.
     """
-    if not dedupe:
-        return head.embed(h[need])
-    S, M = need.shape
-    n = len(h)
-    uniq, inverse = torch.unique(need + n * torch.arange(S, device=need.device)[:, None], return_inverse=True)
-    lane = uniq // n
-    counts = torch.bincount(lane, minlength=S)
-    width = int(counts.max())  # the padded width: one host read per step, and only on the dedupe path
-    slot = torch.arange(len(uniq), device=need.device) - (torch.cumsum(counts, 0) - counts)[lane]
-    rows = torch.zeros(S, width, dtype=torch.long, device=need.device)
-    rows[lane, slot] = uniq % n
-    emb = head.embed(h[rows])  # [S, width, d]
-    return emb.reshape(S * width, -1)[(lane * width + slot)[inverse]]
+    S = parts[0].shape[0]
+    need = torch.cat([p.reshape(S, -1) for p in parts], dim=1)  # [S, M]
+    if dedupe:
+        n = len(h)
+        flat_need = (need + n * torch.arange(S, device=need.device)[:, None]).reshape(-1)  # lane-offset rows
+        # the distinct rows by marking, not sorting: O(S n) cheap passes instead of a sort of S M indices
+        marked = torch.zeros(S * n, dtype=torch.bool, device=need.device)
+        marked[flat_need] = True
+        uniq = torch.nonzero(marked).flatten()  # sorted, so each lane's rows are contiguous
+        inverse = (torch.cumsum(marked, 0) - 1)[flat_need].view(S, -1)
+        lane = uniq // n
+        counts = torch.bincount(lane, minlength=S)
+        width = int(counts.max())  # the padded width: one host read per step, and only on the dedupe path
+        slot = torch.arange(len(uniq), device=need.device) - (torch.cumsum(counts, 0) - counts)[lane]
+        rows = torch.zeros(S, width, dtype=torch.long, device=need.device)
+        rows[lane, slot] = uniq % n
+        flat = head.embed(_rows(h, rows)).reshape(S * width, -1)
+        where = (lane * width + slot)[inverse]  # [S, M]: each needed row's place in `flat`
+    else:
+        flat = head.embed(_rows(h, need)).reshape(S * need.shape[1], -1)
+        where = torch.arange(flat.shape[0], device=need.device).view(S, -1)
+    out, start = [], 0
+    for p in parts:  # one gather per part (index_select: its backward is index_add, not a serial index_put)
+        size = p[0].numel()
+        out.append(flat.index_select(0, where[:, start : start + size].reshape(-1)).view(*p.shape, -1))
+        start += size
+    return out
+
+
+def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[idx]`` for an index tensor of any shape (``index_select``: a row copy, several times faster on CPU
+    than advanced indexing)."""
+    return x.index_select(0, idx.reshape(-1)).view(*idx.shape, *x.shape[1:])
 
 
 @register
@@ -435,7 +464,6 @@ class CFR(ProjectionMethod):
         a = torch.tensor([o.anchor_ce_weight for o in opts], device=device)
         k_con = torch.tensor([o.contrastive_weight for o in opts], device=device)
         tau = torch.tensor([o.temperature for o in opts], device=device)[:, None, None]
-        dedupe = data.W0.size >= 1 << 16  # small maps: the gather-and-scatter costs more than the duplicate rows
         epoch_draws: dict[str, torch.Tensor] = {}
         weights: dict[str, torch.Tensor] = {}
         terms = torch.zeros(3, S, device=device)  # anchor CE, InfoNCE, regulariser, summed over the epoch's steps
@@ -451,15 +479,11 @@ class CFR(ProjectionMethod):
             part = slice(step.start, step.start + step.idx.shape[1])
             idx = epoch_draws["regular"][:, part] if "regular" in epoch_draws else step.idx
             anchors, pos, neg = (epoch_draws[key][:, part] for key in ("anchors", "positives", "negatives"))
-            b, P, N = idx.shape[1], pos.shape[2], neg.shape[2]
-            emb = embed_rows(head, h, torch.cat([idx, anchors, pos.flatten(1), neg.flatten(1)], dim=1), dedupe)
-            e_reg, e_anc = emb[:, :b], emb[:, b : 2 * b]
-            e_pos = emb[:, 2 * b : 2 * b + b * P].reshape(S, b, P, -1)
-            e_neg = emb[:, 2 * b + b * P :].reshape(S, b, N, -1)
+            e_reg, e_anc, e_pos, e_neg = embed_rows(head, h, [idx, anchors, pos, neg])
             scale = head.scale()
             d_anc = head.dropout(e_anc)  # as released: one dropout draw feeds the anchor CE and InfoNCE
             ce_anchor = lane_cross_entropy(scale * d_anc @ head.text.T, epoch_draws["anchor_y"][:, part])
-            l_con = info_nce(F.normalize(d_anc, dim=-1), e_pos, e_neg, tau)
+            l_con = info_nce(unit(d_anc), e_pos, e_neg, tau)
             loss = weights["c"] * (a * ce_anchor + k_con * l_con)
             # the regular batch's dropout: drawn only in lanes with a regulariser (as a single run draws it)
             p_reg = [p if opts[i].regularizer != "none" else 0.0 for i, p in enumerate(head.dropout_p)]
@@ -473,7 +497,7 @@ class CFR(ProjectionMethod):
                 elif kind == "supcon":
                     val = torch.stack([supcon_loss(d_reg[i], y_reg[i], opts[i].tsc_temperature) for i in lanes])
                 elif kind == "tsc":
-                    val = tsc(F.normalize(d_reg[ix], dim=-1), y_reg[ix])
+                    val = tsc(unit(d_reg[ix]), y_reg[ix])
                 else:
                     val = torch.zeros(len(lanes), device=device)
                 if len(lanes) == S:

@@ -80,6 +80,29 @@ def lane_dropout(
     return torch.stack(out)
 
 
+class _Unit(torch.autograd.Function):
+    """``x / max(||x||, 1e-12)`` along the last dimension, with a two-pass backward
+    ``(g - y (y . g)) / ||x||``: the same forward as ``F.normalize`` bit for bit, a gradient equal to float
+    rounding, at a third of the memory traffic (its autograd graph makes five full-size passes)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        n = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-12)
+        y = x / n
+        ctx.save_for_backward(y, n)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        y, n = ctx.saved_tensors
+        return (g - y * (y * g).sum(-1, keepdim=True)) / n
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x [..., d]`` scaled to unit L2 norm (``F.normalize(x, dim=-1)``), with a leaner backward."""
+    return _Unit.apply(x)
+
+
 def lane_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy per lane: ``logits [S, n, C]``, ``y [S, n]`` -> ``[S]``."""
     S, n, C = logits.shape

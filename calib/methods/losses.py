@@ -129,7 +129,9 @@ class TSCLoss(nn.Module):
         t = self.temperature
         keys = torch.cat([self.queue, self.targets], dim=1).detach()  # [S, K + C, d]
         self_logit = (q * q).sum(-1) / t  # [S, B]
-        lse = torch.logsumexp(torch.cat([self_logit[..., None], q @ keys.transpose(1, 2) / t], dim=-1), dim=-1)
+        # log-sum-exp over [self, queue, targets] without materialising their concatenation; 1/t scales the
+        # small query [S, B, d] rather than the logits [S, B, K + C]
+        lse = torch.logaddexp(torch.logsumexp((q / t) @ keys.transpose(1, 2), dim=-1), self_logit)
         # log_prob = logit - lse, so each sum over positives is a sum of queue features minus count * lse;
         # the queue features of class c sum once per lane ([S, C, d]) instead of once per sample
         queue_onehot = F.one_hot(self.queue_labels.clamp(min=0), self.n_classes).to(q.dtype)

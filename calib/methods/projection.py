@@ -19,12 +19,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from calib.features import FeatureSet, SplitFeatures
 from calib.methods.base import Method, register
-from calib.methods.lanes import LaneModule, lane_cross_entropy, lane_dropout, lane_generators
+from calib.methods.lanes import LaneModule, lane_cross_entropy, lane_dropout, lane_generators, unit
 from calib.metrics import group_accuracy, worst_class_accuracy, worst_group_accuracy
 
 log = logging.getLogger(__name__)
@@ -121,7 +120,7 @@ class ProjectionHead(LaneModule):
 
     def embed(self, h: torch.Tensor) -> torch.Tensor:
         """Normalised image embeddings ``[S, n, d]`` of pre-projection features ``h``."""
-        return F.normalize(self.project(h), dim=-1)
+        return unit(self.project(h))
 
     def dropout(self, e: torch.Tensor) -> torch.Tensor:
         """Each lane's dropout on features ``e [S, n, d]`` (identity in eval mode)."""
