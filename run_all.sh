@@ -4,12 +4,14 @@
 # $CALIB_HOME (default: this checkout): executed notebooks to notebooks/executed/ (git-ignored), figures
 # and tables to figures/, result rows to results/, data and caches to data/ and .cache/.
 #
-# Usage: ./run_all.sh [--use-current-env] [--quick] [--only NN]
+# Usage: ./run_all.sh [--use-current-env] [--quick] [--only NN] [--force]
 #        ./run_all.sh --profile paper --data-dir DIR [--backbones M:P,...] [--quick] [--dry-run]
 #   --use-current-env  use the current Python environment (conda, Colab) instead of ./.venv
-#   --quick            smoke run: 1 seed, 3 epochs, one ablation (toy profile: also the 4% toy benchmark
-#                      and a seconds-long toy CLIP)
+#   --quick            smoke run: 3 epochs; toy profile: 2 seeds (trained as lanes), three ablations, the 4% toy
+#                      benchmark and a seconds-long toy CLIP; paper profile: 1 seed, one ablation
 #   --only NN          run only notebooks whose name starts with NN (e.g. 01)
+#   --force            (toy profile) execute every notebook, even those whose inputs (calib's code, the notebook,
+#                      its parameters) are unchanged since their last run and whose outputs are all present
 #   --profile paper    real datasets under DIR/{waterbirds,celeba,metashift,chexpert} x CLIP RN50 and ViT-L/14
 #                      (OpenAI weights) x every method x 5 seeds; missing datasets are skipped with one line
 #   --backbones LIST   (paper profile) comma-separated open_clip MODEL:PRETRAINED pairs instead of the paper's
@@ -18,6 +20,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 quick=0
+force=0
 only=""
 profile=toy
 data_dir_arg=""
@@ -27,6 +30,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --use-current-env) export CALIB_USE_CURRENT_ENV=1 ;;
     --quick) quick=1 ;;
+    --force) force=1 ;;
     --only) only="$2"; shift ;;
     --profile) profile="$2"; shift ;;
     --data-dir) data_dir_arg="$2"; shift ;;
@@ -106,7 +110,7 @@ fi
 
 if [ "$quick" = 1 ]; then
   dataset=toy-quick; pretrained=toy-quick
-  nb_params=(-y "{dataset: toy-quick, pretrained: toy-quick, datasets: [toy-quick], backbones: [[calib-toy-vit, toy-quick]], seeds: [0], epochs: 3, ablations: [CFR (default)], variants: [CFR (default)], testbed_core: [0.5], testbed_scale: 0.1}")
+  nb_params=(-y "{dataset: toy-quick, pretrained: toy-quick, datasets: [toy-quick], backbones: [[calib-toy-vit, toy-quick]], seeds: [0, 1], epochs: 3, ablations: [CFR (default), 'regulariser: none', released behaviour (faithful_release)], variants: [CFR (default), 'regulariser: none'], testbed_core: [0.5], testbed_scale: 0.1, testbed_variants: [CFR (default)]}")
 else
   dataset=toy; pretrained=toy
   nb_params=()
@@ -122,6 +126,7 @@ t=$SECONDS; "$PY" -m calib extract --dataset "$dataset" --model calib-toy-vit --
 stage "feature extraction" $((SECONDS - t))
 
 executed="$CALIB_HOME/notebooks/executed"; mkdir -p "$executed"
+stamps="$executed/.stamps"  # a notebook whose inputs are unchanged since its last run is skipped (calib/stamps.py)
 # Notebooks run in two lanes (one CPU thread each): the ablations in one, everything else in order in the
 # other.  Method training here is overhead-bound, so two single-threaded processes nearly double throughput.
 lane_log="$(mktemp -d)"
@@ -131,10 +136,16 @@ run_lane() {  # run_lane NAME NOTEBOOK... ; writes "<seconds> <notebook>" lines 
     local name t0
     name="$(basename "$nb")"
     [ -n "$only" ] && [[ "$name" != "$only"* ]] && continue
+    if [ "$force" = 0 ] && "$PY" -m calib.stamps check "$stamps" "$nb" "$executed/$name" "${nb_params[*]}"; then
+      echo "0 $name (up to date: inputs unchanged since its last run; --force re-runs it)" >> "$lane_log/$lane"
+      continue
+    fi
     t0=$SECONDS
-    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY" -m papermill --log-level WARNING -k python3 "$nb" \
+    # --cwd: notebooks run outside the checkout (no path may depend on the working directory)
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY" -m papermill --log-level WARNING -k python3 --cwd "$executed" "$nb" \
       "$executed/$name" "${nb_params[@]}" > "$lane_log/$lane.out" 2>&1 \
       || { echo "[calib] notebook $name failed; see $executed/$name and $lane_log/$lane.out" >&2; return 1; }
+    "$PY" -m calib.stamps write "$stamps" "$nb" "$executed/$name" "${nb_params[*]}"
     echo "$((SECONDS - t0)) $name" >> "$lane_log/$lane"
   done
 }

@@ -120,7 +120,7 @@ def time_methods(
     With ``lanes`` the seeds of a method that can share a pass (:meth:`Method.lane_key`) run as its lanes
     and each seed is charged the pass's time divided by the seeds.  With ``flops`` each row also has the
     method's matrix-product work per seed (:func:`count_flops`), the rate it achieved and that rate as a
-    fraction of :func:`gemm_peak`, measured in the same call.
+    fraction of :func:`gemm_peak`, measured in the same call (the count runs first and doubles as a warm-up).
     """
     from calib.methods import get_method_class, make_options, run_methods
     from calib.methods.cfr import clear_reference_cache
@@ -129,6 +129,9 @@ def time_methods(
     rows = []
     for name in methods or [n for n, c in REGISTRY.items() if not c.needs_images()]:  # TPT: `bench tpt`
         opts = (options or {}).get(name)
+        # counting runs the method at 1 and 2 epochs: it also warms up (first-touch memory, thread pools), so
+        # the timing below is of a steady state
+        gflop = count_flops(name, features, seeds[0], opts) / 1e9 if flops else float("nan")
         batched = lanes and len(seeds) > 1 and get_method_class(name).lane_key(make_options(name, opts)) is not None
         groups = [list(seeds)] if batched else [[s] for s in seeds]
         for group in groups:
@@ -150,7 +153,6 @@ def time_methods(
                 )
             log.info("%s seeds %s: %.1f s per seed", name, group, seconds)
         if flops:
-            gflop = count_flops(name, features, seeds[0], opts) / 1e9
             for row in rows:
                 if row["method"] == name:
                     row.update(gflop=gflop, gflops=gflop / row["seconds"], peak_gflops=peak)

@@ -1,55 +1,59 @@
-"""Every notebook runs under papermill in a fast test mode; committed notebooks are clean."""
+"""Every notebook runs under papermill (once, in `./run_all.sh --quick`); committed notebooks are clean."""
 
 import json
 import re
 from pathlib import Path
 
 import nbformat
-import papermill as pm
 import pytest
 
-from calib import paths
+from tests.fixtures import FIGURE_STEMS
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-QUICK = {"dataset": "toy-quick", "pretrained": "toy-quick", "seeds": [0, 1], "epochs": 2}
-# notebook -> (fast parameters, figure stems it must write, results file it must append to or None)
+# notebook -> (figure stems it must write, results file it must append to or None)
 EXPECT = {
-    "00_quickstart": (QUICK, ["quickstart"], "quickstart"),
-    "01_spurious_correlation": (QUICK, ["spurious_correlation"], "spurious_correlation"),
-    "02_last_layer_retraining": (QUICK, ["last_layer_retraining"], "last_layer_retraining"),
-    "03_main_results": (
-        {"datasets": ["toy-quick"], "backbones": [["calib-toy-vit", "toy-quick"]], "seeds": [0, 1], "epochs": 2},
-        ["main_results"],
-        "main_results",
-    ),
-    "04_ablations": (
-        {
-            **QUICK,
-            "seeds": [0],
-            "ablations": ["CFR (default)", "regulariser: none", "released behaviour (faithful_release)"],
-        },
-        ["ablations"],
-        "ablations",
-    ),
-    "05_feature_geometry": (
-        {k: v for k, v in QUICK.items() if k != "seeds"},
-        ["feature_geometry", "calibration_set"],
-        None,
-    ),
-    "06_cfr_dynamics": (
-        {
-            **QUICK,
-            "seeds": [0],
-            "variants": ["CFR (default)", "regulariser: none"],
-            "testbed_core": [0.5],
-            "testbed_scale": 0.1,
-            "testbed_variants": ["CFR (default)"],
-        },
-        ["cfr_dynamics"],
-        "cfr_dynamics",
-    ),
+    "00_quickstart": (["quickstart"], "quickstart"),
+    "01_spurious_correlation": (["spurious_correlation"], "spurious_correlation"),
+    "02_last_layer_retraining": (["last_layer_retraining"], "last_layer_retraining"),
+    "03_main_results": (["main_results"], "main_results"),
+    "04_ablations": (["ablations"], "ablations"),
+    "05_feature_geometry": (["feature_geometry", "calibration_set"], None),
+    "06_cfr_dynamics": (["cfr_dynamics"], "cfr_dynamics"),
 }
+QUICK_SEEDS, QUICK_EPOCHS = {0, 1}, 3  # what ./run_all.sh --quick passes the notebooks
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """``./run_all.sh --quick`` once, with the current interpreter, into a fresh CALIB_HOME: every stage, both
+    notebook lanes, every notebook under papermill (in its own working directory).  The tests below read it."""
+    import os
+    import subprocess
+    import sys
+
+    home = tmp_path_factory.mktemp("quick_home")
+    env = {**os.environ, "CALIB_USE_CURRENT_ENV": "1", "PYTHON": sys.executable, "CALIB_HOME": str(home)}
+    for var in ("CALIB_DATA_DIR", "CALIB_CACHE_DIR", "CALIB_RESULTS_DIR", "CALIB_FIGURES_DIR"):
+        env.pop(var, None)
+    r = subprocess.run(
+        ["bash", str(REPO / "run_all.sh"), "--quick"], capture_output=True, text=True, env=env, timeout=900
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return home, r.stdout
+
+
+def test_run_all_quick_end_to_end(quick_run):
+    home, stdout = quick_run
+    for stage in ("toy data", "toy CLIP training", "feature extraction", "notebook 04_ablations.ipynb", "total"):
+        assert stage in stdout
+    figures = {p.name for p in (home / "figures").glob("*.png")}
+    for stem in FIGURE_STEMS:
+        assert f"{stem}_toy-quick_calib-toy-vit.png" in figures, stem
+    assert "cfr_dynamics_testbed-mu_core0.5-scale0.1.png" in figures
+    assert len(list((home / "notebooks" / "executed").glob("*.ipynb"))) == 7  # under CALIB_HOME, not the checkout
+    rows = [json.loads(line) for line in (home / "results" / "main_results.jsonl").read_text().splitlines()]
+    assert {r["lanes"] for r in rows if r["method"] == "cfr"} == {2}  # the two seeds trained in one pass
 
 
 def test_there_are_notebooks():
@@ -98,16 +102,12 @@ def test_every_notebook_has_expectations():
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_executes(nb, tmp_path, toy_features):
-    params, stems, results = EXPECT[nb.stem]
-    out = tmp_path / nb.name
-    # a different working directory: paths must not depend on it
-    pm.execute_notebook(
-        str(nb), str(out), parameters=params, kernel_name="python3", cwd=str(tmp_path), progress_bar=False
-    )
-    executed = nbformat.read(out, as_version=4)
+def test_notebook_executes(nb, quick_run):
+    home, _ = quick_run
+    stems, results = EXPECT[nb.stem]
+    executed = nbformat.read(home / "notebooks" / "executed" / nb.name, as_version=4)
     outputs = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs]
-    assert not [o for o in outputs if o.output_type == "error"]
+    assert outputs and not [o for o in outputs if o.output_type == "error"]
     # clean in JupyterLab: calib's log lines on stdout (no red stderr boxes), text progress bars saved in their
     # final state (a widget bar would be saved at 0%), no open_clip warning about the toy CLIP's random start
     stderr = "".join(o.get("text", "") for o in outputs if o.get("name") == "stderr")
@@ -116,14 +116,15 @@ def test_notebook_executes(nb, tmp_path, toy_features):
     assert not [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
     if re.search(r"\d+%\|", stdout):  # a progress bar ran: it was saved at its end
         assert "100%|" in stdout
-    figs = paths.figures_dir()
+    figs = home / "figures"
     for stem in stems:
         assert (figs / f"{stem}_toy-quick_calib-toy-vit.png").is_file(), stem
         assert (figs / f"{stem}_toy-quick_calib-toy-vit.pdf").is_file(), stem
     if results:
-        rows = [json.loads(line) for line in (paths.results_dir() / f"{results}.jsonl").read_text().splitlines()]
-        assert {r["seed"] for r in rows} >= set(params.get("seeds", [0]))
+        rows = [json.loads(line) for line in (home / "results" / f"{results}.jsonl").read_text().splitlines()]
+        assert {r["seed"] for r in rows} >= ({0} if nb.stem in ("04_ablations", "06_cfr_dynamics") else QUICK_SEEDS)
     if nb.stem == "06_cfr_dynamics":  # the testbed's figure, and histories in the rows
         assert (figs / "cfr_dynamics_testbed-mu_core0.5-scale0.1.png").is_file()
-        assert all(len(r["history"]) == params["epochs"] for r in rows)
-    assert not list(tmp_path.glob("*.png"))  # nothing written to the working directory
+        assert all(len(r["history"]) == QUICK_EPOCHS for r in rows)
+    # run in notebooks/executed/ (papermill --cwd): nothing written to the working directory
+    assert not list((home / "notebooks" / "executed").glob("*.png"))

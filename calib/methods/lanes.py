@@ -95,7 +95,8 @@ class _Unit(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> torch.Tensor:
         y, n = ctx.saved_tensors
-        return (g - y * (y * g).sum(-1, keepdim=True)) / n
+        dot = torch.linalg.vecdot(y, g)[..., None]  # one pass, no [..., d] temporary
+        return torch.addcmul(g, y, dot, value=-1).div_(n)
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
