@@ -1,7 +1,8 @@
 """CFR ablations: each option of method.md in turn, everything else at the default.
 
-One seed per variant on the toy (~25-45 s each on one CPU thread; 18 variants took 492 s in
-``./run_all.sh``'s second lane); pass other variants through :func:`ablation_variants`.
+One seed per variant on the toy.  The variants train as lanes of one pass where their shapes and optimiser agree
+(all but the calibration-set epoch unit; :mod:`calib.methods.lanes`): 268 s for all 18 in ``./run_all.sh``'s
+second lane, on one CPU thread.  Pass other variants through :func:`ablation_variants`.
 """
 
 from __future__ import annotations

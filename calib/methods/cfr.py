@@ -336,17 +336,21 @@ class AnchorSampler:
 
 
 def embed_rows(
-    head: ProjectionHead, h: torch.Tensor, parts: list[torch.Tensor], dedupe: bool = True
+    head: ProjectionHead, h: torch.Tensor, parts: list[torch.Tensor], dedupe: bool | None = None
 ) -> list[torch.Tensor]:
     """Embeddings of training rows through each lane's projection: ``parts[i] [S, ...]`` (indices into ``h``)
     -> ``[S, ..., d]``.
 
-    With ``dedupe`` (default) each lane projects each distinct row once (the same result with fewer FLOPs:
-    on the toy about 2,400 distinct rows of the 4,352 a step needs; lanes are padded to the largest distinct
-    count); the parts are then gathered from the distinct rows' embeddings.
+    With ``dedupe`` (default: on the CPU) each lane projects each distinct row once (the same result with fewer
+    FLOPs: on the toy about 2,400 distinct rows of the 4,352 a step needs; lanes are padded to the largest
+    distinct count); the parts are then gathered from the distinct rows' embeddings.  On a GPU the default
+    projects every needed row: finding the distinct ones needs data-dependent sizes, i.e. a device-to-host
+    sync in every step, and the FLOPs it saves are cheap there.
     """
     S = parts[0].shape[0]
     need = torch.cat([p.reshape(S, -1) for p in parts], dim=1)  # [S, M]
+    if dedupe is None:
+        dedupe = need.device.type == "cpu"
     if dedupe:
         n = len(h)
         flat_need = (need + n * torch.arange(S, device=need.device)[:, None]).reshape(-1)  # lane-offset rows
@@ -357,7 +361,7 @@ def embed_rows(
         inverse = (torch.cumsum(marked, 0) - 1)[flat_need].view(S, -1)
         lane = uniq // n
         counts = torch.bincount(lane, minlength=S)
-        width = int(counts.max())  # the padded width: one host read per step, and only on the dedupe path
+        width = int(counts.max())  # the padded width (a host read: free on the CPU)
         slot = torch.arange(len(uniq), device=need.device) - (torch.cumsum(counts, 0) - counts)[lane]
         rows = torch.zeros(S, width, dtype=torch.long, device=need.device)
         rows[lane, slot] = uniq % n
