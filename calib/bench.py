@@ -82,7 +82,8 @@ def count_flops(name: str, features: FeatureSet, seed: int, options: dict | None
     """Matrix-product FLOPs (forward and backward: mm, bmm, addmm, baddbmm, einsum products) of fitting and
     evaluating ``name``, counted by ``torch.utils.flop_counter``.  Methods trained for ``epochs`` (and CFR's
     ``reference_epochs``) are counted at 1 and 2 epochs and extrapolated linearly to the epochs the
-    options ask for (an epoch's work does not depend on its index); others are counted in full.  NaN for
+    options ask for (an epoch's work does not depend on its index); others, and methods whose option does not
+    set the epochs trained one for one, are counted in full.  NaN for
     methods whose work is not torch (scikit-learn solvers)."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -93,16 +94,18 @@ def count_flops(name: str, features: FeatureSet, seed: int, options: dict | None
     full = make_options(name, opts)
     epoch_keys = [k for k in ("epochs", "reference_epochs") if hasattr(full, k)]
 
-    def counted(overrides: dict) -> float:
+    def counted(overrides: dict) -> tuple[float, int]:  # FLOPs, epochs trained
         clear_reference_cache()
         with FlopCounterMode(display=False) as counter:
-            run_method(name, features, seed, {**opts, **overrides})
-        return float(counter.get_total_flops())
+            run = run_method(name, features, seed, {**opts, **overrides})
+        return float(counter.get_total_flops()), len(run.history)
 
-    if not epoch_keys or name == "contrastive_adapter":  # the adapter rescales its epochs: count it whole
-        total = counted({})
+    if not epoch_keys:
+        return counted({})[0] or float("nan")
+    (one, e1), (two, e2) = counted(dict.fromkeys(epoch_keys, 1)), counted(dict.fromkeys(epoch_keys, 2))
+    if e2 - e1 != 1:  # the option does not set the epochs trained one for one (the adapter rescales it)
+        total = counted({})[0]
     else:
-        one, two = counted(dict.fromkeys(epoch_keys, 1)), counted(dict.fromkeys(epoch_keys, 2))
         total = one + (two - one) * (full.epochs - 1)
     return total if total > 0 else float("nan")
 

@@ -19,11 +19,11 @@ import pandas as pd
 from calib import paths
 from calib.data import GroupDataset, ToyConfig, load_dataset, load_waterbirds, make_toy_waterbirds
 from calib.features import FeatureSet, build_feature_set
-from calib.methods import MethodRun, get_method_class, make_options, run_method, run_methods
+from calib.methods import MethodRun, make_options, run_methods
 from calib.methods.base import evaluate_instance
 from calib.models import load_clip
 from calib.results import append_rows, flatten_row, make_row, read_rows, results_path
-from calib.utils import code_hash, seed_everything, stable_hash
+from calib.utils import code_hash, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -147,15 +147,9 @@ def run_experiment(
     by_method: dict[str, list[tuple]] = {}
     for traj, (method, _, _) in pending.items():
         by_method.setdefault(method, []).append(traj)
-    for method, trajs in by_method.items():
-        if get_method_class(method).lane_key(make_options(method, pending[trajs[0]][2])) is None:
-            for traj in trajs:  # fitted one at a time
-                _, seed, overrides = pending[traj]
-                seed_everything(seed)
-                trained[traj] = run_method(method, features, seed, overrides)
-        else:  # seeds and settings that can share a pass train as its lanes
-            runs = run_methods(method, features, [pending[t][1] for t in trajs], [pending[t][2] for t in trajs])
-            trained.update(zip(trajs, runs))
+    for method, trajs in by_method.items():  # seeds and settings that can share a pass train as its lanes
+        runs = run_methods(method, features, [pending[t][1] for t in trajs], [pending[t][2] for t in trajs])
+        trained.update(zip(trajs, runs))
     rows = []
     for variant, method, _, seed, options in tasks:
         key = _reuse_key(method, seed, options, features)

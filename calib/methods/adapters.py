@@ -15,7 +15,7 @@ from calib.methods.base import Method, register
 from calib.methods.heads import normalize, zero_shot_logits
 from calib.methods.lanes import LaneModule
 from calib.methods.losses import info_nce
-from calib.methods.projection import ProjectionMethod, ProjectionOptions, Step, fit_head, resolve_device
+from calib.methods.projection import ProjectionMethod, ProjectionOptions, Step, fit_methods, resolve_device
 
 
 class Adapter(LaneModule):
@@ -125,19 +125,11 @@ class ContrastiveAdapter(ProjectionMethod):
         scaled = ProjectionOptions(**{f: getattr(o, f) for f in ProjectionOptions.__dataclass_fields__})
         # anchors are few: scale epochs so the adapter sees each anchor `epochs` times
         scaled.epochs = max(1, int(np.ceil(o.epochs * k / len(zn))))
-        heads, histories = fit_head(
-            Adapter(data.text, data.logit_scale, o.hidden_ratio, list(seeds)),
-            data,
-            scaled,
-            seeds,
-            loss,
-            lambda split: split.z,
-            optimizer="adam",
-            selection=[m.options.selection for m in methods],
-        )
+        head = Adapter(data.text, data.logit_scale, o.hidden_ratio, list(seeds))
+        fit_methods(methods, head, data, scaled, seeds, loss, lambda split: split.z, optimizer="adam")
         groups = np.bincount(tr.g[hard.cpu().numpy()], minlength=data.n_groups).tolist()
-        for m, hd, hist in zip(methods, heads, histories):
-            m.head, m.history, m.anchor_groups = hd, hist, groups
+        for m in methods:
+            m.anchor_groups = groups
 
 
 UMFC_MODES = {"train-fit": "train", "transductive": "test"}  # mode -> split the clusters are fit on

@@ -29,6 +29,7 @@ import numpy as np
 
 from calib.features import FeatureSet, SplitFeatures
 from calib.metrics import evaluate
+from calib.utils import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +294,8 @@ def run_methods(
 ) -> list[MethodRun]:
     """:func:`run_method` for each ``(seeds[i], options[i])``; runs whose options share a
     :meth:`Method.lane_key` are fitted together in one pass (lanes), each with the numbers of its own run.
-    A run's ``seconds`` is its pass's time divided by the pass's lanes."""
+    A run's ``seconds`` is its pass's time divided by the pass's lanes.  A run fitted alone first seeds the
+    global generators (Python, NumPy, torch) with its seed."""
     options = list(options) if options is not None else [None] * len(seeds)
     if len(options) != len(seeds):
         raise ValueError(f"{len(seeds)} seeds but {len(options)} option sets")
@@ -322,7 +324,8 @@ def run_methods(
     out: list[MethodRun | None] = [None] * len(seeds)
     for members in passes.values():
         t0 = time.perf_counter()
-        if len(members) == 1:
+        if len(members) == 1:  # alone: global generators seeded too, for methods that draw from them
+            seed_everything(seeds[members[0]])
             methods[members[0]].fit(inputs[members[0]], seeds[members[0]])
         else:
             cls.fit_lanes([methods[i] for i in members], data, [seeds[i] for i in members])

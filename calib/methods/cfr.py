@@ -57,7 +57,7 @@ from calib.methods.projection import (
     ProjectionHead,
     ProjectionMethod,
     Step,
-    fit_head,
+    fit_methods,
     resolve_device,
 )
 from calib.metrics import group_accuracy
@@ -545,7 +545,8 @@ class CFR(ProjectionMethod):
         head = ProjectionHead.for_features(
             data, [o.logit_scale_init for o in opts], o0.train_logit_scale, [o.dropout for o in opts]
         )
-        heads, histories = fit_head(
+        fit_methods(
+            methods,
             head,
             data,
             o0.projection_options(o0.epochs, o0.dropout),
@@ -554,10 +555,8 @@ class CFR(ProjectionMethod):
             lambda split: split.h,
             epoch_size=n_epoch,
             epoch_end=epoch_end,
-            selection=[o.selection for o in opts],
         )
-        for m, hd, hist, seed in zip(methods, heads, histories, seeds):
-            m.head, m.history = hd, hist
+        for m, seed in zip(methods, seeds):
             m.eval_gen = torch.Generator().manual_seed(seed + 2)
 
     def logits(self, split: SplitFeatures) -> np.ndarray:

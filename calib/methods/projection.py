@@ -282,6 +282,25 @@ def fit_head(
     return heads, history
 
 
+def fit_methods(
+    methods: list[Method],
+    head: LaneModule,
+    data: FeatureSet,
+    opts: ProjectionOptions,
+    seeds: Sequence[int],
+    step_loss: StepLoss,
+    inputs: Callable[[SplitFeatures], np.ndarray],
+    **kwargs: Any,
+) -> None:
+    """:func:`fit_head` for one lane per instance in ``methods`` (each selecting by its own ``selection``
+    option); every instance gets its lane's ``head`` and ``history``."""
+    heads, histories = fit_head(
+        head, data, opts, seeds, step_loss, inputs, selection=[m.options.selection for m in methods], **kwargs
+    )
+    for m, lane, history in zip(methods, heads, histories):
+        m.head, m.history = lane, history
+
+
 def lane_grad_norm(params: list[torch.Tensor], lanes: int) -> torch.Tensor:
     """Per-lane gradient norm over all parameters, ``[S]``."""
     norms = [torch.linalg.vector_norm(p.grad.reshape(lanes, -1), dim=1) for p in params if p.grad is not None]
@@ -367,8 +386,4 @@ class ClipERM(ProjectionMethod):
         def ce(head: ProjectionHead, step: Step) -> torch.Tensor:
             return lane_cross_entropy(head(h[step.idx]), y[step.idx])
 
-        heads, histories = fit_head(
-            head, data, o, seeds, ce, lambda split: split.h, selection=[m.options.selection for m in methods]
-        )
-        for m, hd, hist in zip(methods, heads, histories):
-            m.head, m.history = hd, hist
+        fit_methods(methods, head, data, o, seeds, ce, lambda split: split.h)

@@ -17,7 +17,7 @@ from calib.features import FeatureSet, SplitFeatures
 from calib.methods.base import register
 from calib.methods.heads import LogisticHead, normalize
 from calib.methods.lanes import LaneModule
-from calib.methods.projection import ProjectionMethod, ProjectionOptions, Step, fit_head, resolve_device
+from calib.methods.projection import ProjectionMethod, ProjectionOptions, Step, fit_methods, resolve_device
 
 
 @dataclass
@@ -151,15 +151,7 @@ class GroupDRO(ProjectionMethod):
                 q = q / q.sum(1, keepdim=True)
             return (q * group_loss).sum(1)
 
-        heads, histories = fit_head(
-            LinearHead(data.n_classes, z.shape[1], S),
-            data,
-            o,
-            seeds,
-            loss,
-            lambda split: split.z,
-            optimizer="adam",
-            selection=[m.options.selection for m in methods],
-        )
-        for i, (m, hd, hist) in enumerate(zip(methods, heads, histories)):
-            m.head, m.history, m.group_weights = hd, hist, q[i].cpu().numpy().tolist()
+        head = LinearHead(data.n_classes, z.shape[1], S)
+        fit_methods(methods, head, data, o, seeds, loss, lambda split: split.z, optimizer="adam")
+        for m, weights in zip(methods, q.cpu().numpy().tolist()):
+            m.group_weights = weights
