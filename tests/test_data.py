@@ -69,6 +69,42 @@ def test_render_is_deterministic_and_varied():
     assert not np.array_equal(a, c)
 
 
+def test_foreground_mask_is_the_painted_bird(toy_quick):
+    """The mask re-rendered from (seed, img_id) marks exactly the pixels the glyph changed, and the image
+    rendered with it is the image on disk (up to JPEG)."""
+    from PIL import Image
+
+    from calib.data.toy import _background, foreground_masks, render_scene_with_mask
+
+    img, style, mask = render_scene_with_mask(np.random.default_rng([0, 5]), 1, 1)
+    plain, _ = render_scene(np.random.default_rng([0, 5]), 1, 1)
+    assert np.array_equal(img, plain) and mask.dtype == bool and mask.shape == (64, 64)
+    background, _ = _background(np.random.default_rng([0, 5]), 1, 64)
+    rng = np.random.default_rng([0, 5])
+    _background(rng, 1, 64)
+    painted = background.copy()
+    from calib.data.toy import _draw_bird
+
+    drawn = _draw_bird(rng, painted, 1)
+    changed = np.any(painted != background, axis=-1)
+    assert np.array_equal(drawn, mask) and changed[~mask].sum() == 0
+    assert 0.01 < mask.mean() < 0.15  # a few percent of the image, as the module says
+
+    test = toy_quick.splits["test"]
+    masks = foreground_masks(toy_quick.root, test.ids[:4])
+    assert masks.shape == (4, 64, 64) and masks.any(axis=(1, 2)).all()
+    for k in range(4):
+        on_disk = np.asarray(Image.open(test.paths[k]).convert("RGB"), dtype=np.float32)
+        rng = np.random.default_rng([0, int(test.ids[k])])
+        rendered, _, m = render_scene_with_mask(rng, int(test.y[k]), int(test.a[k]), 64)
+        other, _, _ = render_scene_with_mask(np.random.default_rng([0, int(test.ids[k]) + 1]), 0, 0, 64)
+        # JPEG (quality 95) smooths the sensor noise (sd 8): about 6.5 grey levels; another scene: tens
+        assert np.abs(on_disk - rendered).mean() < 8 < 2 * 8 < np.abs(on_disk - other).mean()
+        assert np.array_equal(m, masks[k])
+    with pytest.raises(KeyError, match="not in"):
+        foreground_masks(toy_quick.root, [10**7])
+
+
 def test_backgrounds_differ_in_colour():
     """Water scenes are bluer than land scenes on average: the spurious feature is visible."""
     blue = {

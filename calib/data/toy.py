@@ -104,8 +104,8 @@ def _background(rng: np.random.Generator, place: int, size: int) -> tuple[np.nda
     return img, style
 
 
-def _draw_bird(rng: np.random.Generator, img: np.ndarray, bird: int) -> None:
-    """Paint a landbird (0) or waterbird (1) glyph onto ``img`` in place."""
+def _draw_bird(rng: np.random.Generator, img: np.ndarray, bird: int) -> np.ndarray:
+    """Paint a landbird (0) or waterbird (1) glyph onto ``img`` in place; return its ``[H, W]`` bool mask."""
     size = img.shape[0]
     x, y = _grid(size)
     s = rng.uniform(0.75, 1.25)
@@ -146,6 +146,7 @@ def _draw_bird(rng: np.random.Generator, img: np.ndarray, bird: int) -> None:
         stripes = (np.sin((dx + y) * rng.uniform(60, 100)) > 0.5) & shape
         img[stripes] = 0.6 * colour + 0.4 * accent
     img[extra] = np.array([235, 150, 40], np.float32)
+    return shape | extra
 
 
 def render_scene(rng: np.random.Generator, bird: int, place: int, size: int = 64) -> tuple[np.ndarray, str]:
@@ -153,10 +154,19 @@ def render_scene(rng: np.random.Generator, bird: int, place: int, size: int = 64
 
     Returns the image and the background style name (``forest``, ``field``, ``ocean``, ``lake``).
     """
+    img, style, _ = render_scene_with_mask(rng, bird, place, size)
+    return img, style
+
+
+def render_scene_with_mask(
+    rng: np.random.Generator, bird: int, place: int, size: int = 64
+) -> tuple[np.ndarray, str, np.ndarray]:
+    """:func:`render_scene` plus the bird's foreground mask ``[size, size]`` bool (every pixel the glyph
+    painted: body, head, neck, tail, beak, legs).  Draws the same random numbers, so the image is identical."""
     img, style = _background(rng, place, size)
-    _draw_bird(rng, img, bird)
+    mask = _draw_bird(rng, img, bird)
     img += rng.normal(0, 8, img.shape).astype(np.float32)  # sensor noise
-    return np.clip(img, 0, 255).astype(np.uint8), style
+    return np.clip(img, 0, 255).astype(np.uint8), style, mask
 
 
 def _plan(cfg: ToyConfig) -> list[tuple[int, int, int]]:
@@ -167,6 +177,38 @@ def _plan(cfg: ToyConfig) -> list[tuple[int, int, int]]:
             rows += [(SPLIT_CODES[split], g // 2, g % 2)] * n
     order = np.random.default_rng([cfg.seed, 7]).permutation(len(rows))
     return [rows[i] for i in order]
+
+
+def toy_config(root: Path) -> ToyConfig:
+    """The :class:`ToyConfig` a toy benchmark folder was written with (read from its marker file)."""
+    marker = Path(root).resolve() / MARKER
+    if not marker.is_file():
+        raise DatasetLayoutError(
+            f"{Path(root).resolve()} is not a complete toy benchmark (no {MARKER}); make it with "
+            "`python -m calib data make-toy --root DIR`"
+        )
+    return ToyConfig(**json.loads(marker.read_text()))
+
+
+def foreground_masks(root: Path, img_ids: np.ndarray | list[int]) -> np.ndarray:
+    """The bird's pixels in toy images ``img_ids`` of the benchmark at ``root``: ``[n, H, W]`` bool.
+
+    Every toy image is a function of ``(seed, img_id)``, so the mask is recomputed exactly by re-running the
+    generator (no mask files are stored).  The metadata's ``y`` and ``place`` fix what is drawn; they are read
+    from ``metadata.csv`` so a mask always belongs to the image on disk.
+    """
+    import pandas as pd
+
+    cfg = toy_config(root)
+    meta = pd.read_csv(Path(root).resolve() / "metadata.csv").set_index("img_id")
+    out = np.zeros((len(img_ids), cfg.image_size, cfg.image_size), bool)
+    for k, img_id in enumerate(img_ids):
+        if int(img_id) not in meta.index:
+            raise KeyError(f"image id {img_id} is not in {root}/metadata.csv")
+        row = meta.loc[int(img_id)]
+        rng = np.random.default_rng([cfg.seed, int(img_id)])
+        _, _, out[k] = render_scene_with_mask(rng, int(row["y"]), int(row["place"]), cfg.image_size)
+    return out
 
 
 def make_toy_waterbirds(root: Path, cfg: ToyConfig = ToyConfig(), overwrite: bool = False) -> Path:
