@@ -102,18 +102,34 @@ def caption(rng: np.random.Generator, bird: int, style: str, cfg: ToyClipConfig)
     return BOTH[rng.integers(len(BOTH))].format(b=b, p=p)
 
 
-def make_corpus(cfg: ToyClipConfig) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """Images ``[n, H, W, 3]`` uint8, captions, and ``[n, 2]`` (bird, place) of the training corpus."""
-    rng = np.random.default_rng([cfg.seed, 1_000_003])  # disjoint from the benchmark's streams
+def make_corpus(
+    cfg: ToyClipConfig, styles: tuple[str, ...] = (), caption_noise: float = 0.0, stream: int = 0
+) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Images ``[n, H, W, 3]`` uint8, captions, and ``[n, 2]`` (bird, place) of the training corpus.
+
+    The pretraining-source study (:mod:`calib.pretraining`) draws other corpora with the same renderer and
+    captions: ``styles`` restricts the backgrounds (empty: all four), ``caption_noise`` is the probability that
+    a caption describes another, random scene (alt text that does not match its image), and ``stream`` > 0
+    draws different images.  The defaults give the toy CLIP's own corpus.
+    """
+    key = [cfg.seed, 1_000_003] + ([stream] if stream else [])
+    rng = np.random.default_rng(key)  # disjoint from the benchmark's streams
     birds = rng.integers(0, 2, cfg.n_pairs)
     habitat = rng.random(cfg.n_pairs) < cfg.cooccurrence
     places = np.where(habitat, birds, 1 - birds)
     images = np.empty((cfg.n_pairs, cfg.image_size, cfg.image_size, 3), np.uint8)
     captions = []
+    noise_rng = np.random.default_rng(key + [7])  # its own stream: the images do not depend on the noise
+    every_style = [s for s in PLACE_WORDS if not styles or s in styles]
     for i in range(cfg.n_pairs):
-        img_rng = np.random.default_rng([cfg.seed, 1_000_003, i])
-        images[i], style = render_scene(img_rng, int(birds[i]), int(places[i]), cfg.image_size)
-        captions.append(caption(img_rng, int(birds[i]), style, cfg))
+        img_rng = np.random.default_rng(key[:2] + [i] + key[2:])
+        images[i], style = render_scene(img_rng, int(birds[i]), int(places[i]), cfg.image_size, styles)
+        text = caption(img_rng, int(birds[i]), style, cfg)
+        if caption_noise and noise_rng.random() < caption_noise:
+            text = caption(
+                noise_rng, int(noise_rng.integers(2)), every_style[noise_rng.integers(len(every_style))], cfg
+            )
+        captions.append(text)
     return images, captions, np.stack([birds, places], 1)
 
 
@@ -127,10 +143,13 @@ def _to_tensor(images: np.ndarray, mean: tuple, std: tuple) -> torch.Tensor:
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
-def train_toy_clip(cfg: ToyClipConfig, out_dir: Path) -> dict:
+def train_toy_clip(cfg: ToyClipConfig, out_dir: Path, corpus: tuple[np.ndarray, list[str]] | None = None) -> dict:
     """Train the toy CLIP with open_clip's model and contrastive loss; write the checkpoint to ``out_dir``.
 
-    Returns a log dict (loss curve, seconds).  Deterministic for a given seed and thread count.
+    ``corpus``: ``(images [n, H, W, 3] uint8, captions)`` to train on instead of ``make_corpus(cfg)`` (the
+    pretraining-source study); ``cfg`` still sets the training (steps, batch, optimiser) and the seed, and
+    ``cfg.n_pairs`` must equal ``n``.  Returns a log dict (loss curve, seconds).  Deterministic for a given
+    seed and thread count.
     """
     import open_clip
     from open_clip.loss import ClipLoss
@@ -140,7 +159,9 @@ def train_toy_clip(cfg: ToyClipConfig, out_dir: Path) -> dict:
 
     register_calib_models()
     t0 = time.time()
-    images, captions, _ = make_corpus(cfg)
+    images, captions = corpus if corpus is not None else make_corpus(cfg)[:2]
+    if len(images) != cfg.n_pairs or len(captions) != cfg.n_pairs:
+        raise ValueError(f"corpus of {len(images)} images / {len(captions)} captions for n_pairs={cfg.n_pairs}")
     t_corpus = time.time() - t0
     torch.manual_seed(cfg.seed)
     with expected_random_init():  # random weights are the point: training starts from them

@@ -66,12 +66,20 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.meshgrid(coords, coords)  # x, y in [0, 1]
 
 
-def _background(rng: np.random.Generator, place: int, size: int) -> tuple[np.ndarray, str]:
-    """An HxWx3 float image of a land (0) or water (1) scene and the style's name."""
+def _background(
+    rng: np.random.Generator, place: int, size: int, styles: tuple[str, ...] = ()
+) -> tuple[np.ndarray, str]:
+    """An HxWx3 float image of a land (0) or water (1) scene and the style's name.
+
+    ``styles``: the background styles allowed (empty: all four); a place must keep at least one.
+    """
     x, y = _grid(size)
     jitter = rng.uniform(-25, 25, size=3).astype(np.float32)
+    allowed = [s for s in (LAND_STYLES, WATER_STYLES)[place] if not styles or s in styles]
+    if not allowed:
+        raise ValueError(f"styles {styles} leave no background for {'water' if place else 'land'} scenes")
     if place == 0:
-        style = LAND_STYLES[rng.integers(len(LAND_STYLES))]
+        style = allowed[rng.integers(len(allowed))]
         if style == "forest":
             base = np.array([40, 95, 40], np.float32) + jitter
             img = np.broadcast_to(base, (size, size, 3)).copy()
@@ -88,7 +96,7 @@ def _background(rng: np.random.Generator, place: int, size: int) -> tuple[np.nda
             strokes = np.sin(x * rng.uniform(60, 90) + y * rng.uniform(5, 15)) > 0.6
             img[strokes & (y >= horizon)] += np.array([-30, -20, -10], np.float32)
     else:
-        style = WATER_STYLES[rng.integers(len(WATER_STYLES))]
+        style = allowed[rng.integers(len(allowed))]
         if style == "ocean":
             base = np.array([30, 80, 160], np.float32) + jitter
             img = np.broadcast_to(base, (size, size, 3)).copy()
@@ -149,21 +157,24 @@ def _draw_bird(rng: np.random.Generator, img: np.ndarray, bird: int) -> np.ndarr
     return shape | extra
 
 
-def render_scene(rng: np.random.Generator, bird: int, place: int, size: int = 64) -> tuple[np.ndarray, str]:
+def render_scene(
+    rng: np.random.Generator, bird: int, place: int, size: int = 64, styles: tuple[str, ...] = ()
+) -> tuple[np.ndarray, str]:
     """One toy image (``size x size x 3`` uint8) of ``bird`` (0 land, 1 water) on ``place`` (0 land, 1 water).
 
-    Returns the image and the background style name (``forest``, ``field``, ``ocean``, ``lake``).
+    Returns the image and the background style name (``forest``, ``field``, ``ocean``, ``lake``).  ``styles``
+    restricts the backgrounds drawn (empty: all four).
     """
-    img, style, _ = render_scene_with_mask(rng, bird, place, size)
+    img, style, _ = render_scene_with_mask(rng, bird, place, size, styles)
     return img, style
 
 
 def render_scene_with_mask(
-    rng: np.random.Generator, bird: int, place: int, size: int = 64
+    rng: np.random.Generator, bird: int, place: int, size: int = 64, styles: tuple[str, ...] = ()
 ) -> tuple[np.ndarray, str, np.ndarray]:
     """:func:`render_scene` plus the bird's foreground mask ``[size, size]`` bool (every pixel the glyph
     painted: body, head, neck, tail, beak, legs).  Draws the same random numbers, so the image is identical."""
-    img, style = _background(rng, place, size)
+    img, style = _background(rng, place, size, styles)
     mask = _draw_bird(rng, img, bird)
     img += rng.normal(0, 8, img.shape).astype(np.float32)  # sensor noise
     return np.clip(img, 0, 255).astype(np.uint8), style, mask
