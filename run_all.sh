@@ -16,6 +16,7 @@
 #                      (OpenAI weights) x every method x 5 seeds; missing datasets are skipped with one line
 #   --backbones LIST   (paper profile) comma-separated open_clip MODEL:PRETRAINED pairs instead of the paper's
 #                      two, e.g. ViT-B-32:laion2b_s34b_b79k or RN50:random (random weights: a smoke test)
+#   --tpt-images N     (paper profile) TPT's seeded test subsample per dataset and backbone (default 500; 0: all)
 #   --dry-run          (paper profile) list what would run and its estimated GPU hours, run nothing
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -26,6 +27,7 @@ profile=toy
 data_dir_arg=""
 backbones_arg=""
 dry=0
+tpt_images=500
 while [ $# -gt 0 ]; do
   case "$1" in
     --use-current-env) export CALIB_USE_CURRENT_ENV=1 ;;
@@ -36,6 +38,7 @@ while [ $# -gt 0 ]; do
     --data-dir) data_dir_arg="$2"; shift ;;
     --backbones) backbones_arg="$2"; shift ;;
     --dry-run) dry=1 ;;
+    --tpt-images) tpt_images="$2"; shift ;;
     -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -62,8 +65,8 @@ cd "$ROOT"
 if [ "$profile" = paper ]; then
   data_dir_arg="$(cd "$data_dir_arg" && pwd)"
   if [ "$quick" = 1 ]; then seeds_yaml="[0]"; epochs_yaml=", epochs: 3"; ablations_yaml=", ablations: [CFR (default)]"
-    dynamics_yaml=", variants: [CFR (default)]"
-  else seeds_yaml="[0, 1, 2, 3, 4]"; epochs_yaml=""; ablations_yaml=""; dynamics_yaml=""; fi
+    dynamics_yaml=", variants: [CFR (default)]"; per_group=2
+  else seeds_yaml="[0, 1, 2, 3, 4]"; epochs_yaml=""; ablations_yaml=""; dynamics_yaml=""; per_group=50; fi
   n_seeds=$(( $(tr -cd , <<< "$seeds_yaml" | wc -c) + 1 ))
   plan_args=(--data-dir "$data_dir_arg" --seeds "$n_seeds")
   [ -n "$backbones_arg" ] && plan_args+=(--backbones "$backbones_arg")
@@ -82,10 +85,11 @@ for r in paper_plan(Path(sys.argv[1]), bb).rows: print(r.dataset, r.model, r.pre
     tag="${ds}__${model}__${pre//[^A-Za-z0-9._-]/_}"
     t=$SECONDS; "$PY" -m calib extract --dataset "$ds" --model "$model" --pretrained "$pre"
     stage "extract $ds / $model / $pre" $((SECONDS - t))
-    for nb in notebooks/0[012456]_*.ipynb; do
+    for nb in notebooks/0[0124567]_*.ipynb; do
       name="$(basename "$nb" .ipynb)"
       case "$name" in  # each notebook gets only the parameters it declares
         05_*) params="seed: 0$epochs_yaml" ;;
+        07_*) params="seed: 0$epochs_yaml, per_group: $per_group" ;;  # M2IB: seconds per image on a CPU
         04_*) params="seeds: $seeds_yaml$epochs_yaml$ablations_yaml" ;;
         06_*) params="seeds: $seeds_yaml$epochs_yaml$dynamics_yaml, testbed_core: []" ;;  # the testbed: toy profile
         *) params="seeds: $seeds_yaml$epochs_yaml" ;;
@@ -96,10 +100,16 @@ for r in paper_plan(Path(sys.argv[1]), bb).rows: print(r.dataset, r.model, r.pre
       stage "notebook $name ($ds / $model / $pre)" $((SECONDS - t))
     done
   done
+  for ds in $(printf '%s\n' "${runs[@]}" | cut -d' ' -f1 | awk '!seen[$0]++'); do
+    t=$SECONDS  # the pretraining-source study over the given backbones (no toy sources on real data)
+    "$PY" -m papermill --log-level WARNING -k python3 notebooks/08_pretraining_sources.ipynb \
+      "$executed/08_pretraining_sources__${ds}.ipynb" -y "{dataset: $ds, sources: [], backbones: $backbones_yaml}"
+    stage "notebook 08_pretraining_sources ($ds)" $((SECONDS - t))
+  done
   t=$SECONDS
   "$PY" -m papermill --log-level WARNING -k python3 notebooks/03_main_results.ipynb \
     "$executed/03_main_results__paper.ipynb" \
-    -y "{datasets: $datasets_yaml, backbones: $backbones_yaml, seeds: $seeds_yaml$epochs_yaml}"
+    -y "{datasets: $datasets_yaml, backbones: $backbones_yaml, seeds: $seeds_yaml$epochs_yaml, tpt_images: $tpt_images}"
   stage "notebook 03_main_results (paper)" $((SECONDS - t))
   echo
   echo "[calib] wall time by stage (s):"
@@ -150,11 +160,14 @@ run_lane() {  # run_lane NAME NOTEBOOK... ; writes "<seconds> <notebook>" lines 
   done
 }
 t_nb=$SECONDS
-# balanced by their measured cost (toy, cold): 03 + 06 (about 380 s) in one lane, 04 and the short ones (about
-# 360 s) in the other; every notebook reads only cached features and its own rows, so the order is free
-heavy=(notebooks/03_*.ipynb notebooks/06_*.ipynb)
-others=()
-for nb in notebooks/[0-9][0-9]_*.ipynb; do [[ "$nb" == notebooks/03_* || "$nb" == notebooks/06_* ]] || others+=("$nb"); done
+# balanced by their measured cost (toy, cold): 03 + 06 + 04 in one lane; 08 (it pretrains three toy CLIPs, about
+# 3 min each on one thread, cached afterwards) and the short ones in the other.  Every notebook reads only cached
+# features, its own rows and its own toy CLIPs, so the order is free.
+heavy=(notebooks/03_*.ipynb notebooks/06_*.ipynb notebooks/04_*.ipynb)
+others=(notebooks/08_*.ipynb)
+for nb in notebooks/[0-9][0-9]_*.ipynb; do
+  case "$nb" in notebooks/0[3468]_*) ;; *) others+=("$nb") ;; esac
+done
 run_lane a "${heavy[@]}" & pid_a=$!
 run_lane b "${others[@]}" & pid_b=$!
 status=0

@@ -20,7 +20,7 @@ from calib import paths
 from calib.data import GroupDataset, ToyConfig, load_dataset, load_waterbirds, make_toy_waterbirds
 from calib.features import FeatureSet, build_feature_set
 from calib.methods import MethodRun, make_options, run_methods
-from calib.methods.base import evaluate_instance
+from calib.methods.base import SUBSAMPLE_SEED, RunContext, evaluate_instance
 from calib.models import load_clip
 from calib.results import append_rows, flatten_row, make_row, read_rows, results_path
 from calib.utils import code_hash, stable_hash
@@ -109,9 +109,16 @@ def _reuse_key(method: str, seed: int, options: dict, features: FeatureSet) -> t
 
 
 def run_experiment(
-    spec: RunSpec, features: FeatureSet, write: bool = True, reuse: bool = True, results_dir: Path | None = None
+    spec: RunSpec,
+    features: FeatureSet,
+    write: bool = True,
+    reuse: bool = True,
+    results_dir: Path | None = None,
+    context: RunContext | None = None,
 ) -> pd.DataFrame:
     """Run every (method, seed), append one result row each, and return the rows as a DataFrame.
+
+    ``context`` (the dataset and the loaded CLIP) is what methods working on images need (TPT).
 
     With ``reuse`` (default) a (method, seed, options) whose row already exists for the same
     features (weights fingerprint, dataset version) and the same calib source code is not run again:
@@ -148,7 +155,8 @@ def run_experiment(
     for traj, (method, _, _) in pending.items():
         by_method.setdefault(method, []).append(traj)
     for method, trajs in by_method.items():  # seeds and settings that can share a pass train as its lanes
-        runs = run_methods(method, features, [pending[t][1] for t in trajs], [pending[t][2] for t in trajs])
+        seeds, overrides = [pending[t][1] for t in trajs], [pending[t][2] for t in trajs]
+        runs = run_methods(method, features, seeds, overrides, context=context)
         trained.update(zip(trajs, runs))
     rows = []
     for variant, method, _, seed, options in tasks:
@@ -201,10 +209,15 @@ def run_experiment(
 
 
 def _correct_bits(run, features: FeatureSet) -> dict[str, str]:
-    """Which test samples the run got right, packed (:func:`calib.stats.pack_correct`; bootstrap intervals)."""
+    """Which test samples the run got right, packed (:func:`calib.stats.pack_correct`; bootstrap intervals).
+    A run on a seeded test subsample (``max_images``, e.g. TPT) is scored on that subsample."""
+    from calib.features import subsample
     from calib.stats import pack_correct
 
     out = {}
+    n_sub = run.options.get("max_images", 0) if isinstance(run.options, dict) else 0
+    if n_sub and n_sub < len(features.splits["test"]):
+        features = subsample(features, "test", n_sub, SUBSAMPLE_SEED)
     for split in ("test",):
         if split in run.predictions and split in features.splits:
             s = features.splits[split]
@@ -228,16 +241,23 @@ def run_grid(
 ) -> pd.DataFrame:
     """Every method x dataset x backbone x seed (and, with ``protocols``, both selection protocols).
 
-    ``backbones`` holds ``[model, pretrained]`` pairs.  Returns the rows of this grid.
+    ``backbones`` holds ``[model, pretrained]`` pairs.  Methods that work on images (TPT) get the dataset and
+    the model.  Returns the rows of this grid.
     """
+    from calib.methods import REGISTRY
+
     frames = []
     for dataset in datasets:
         for model, pretrained in backbones:
             features = prepare_features(dataset, model, pretrained)
+            context = None
+            if any(REGISTRY[m].needs_images() for m in methods if m in REGISTRY):
+                context = RunContext(prepare_dataset(dataset), load_clip(model, pretrained))
             variants = (
                 protocol_variants(methods, options)
                 if protocols
                 else {m: (m, (options or {}).get(m, {})) for m in methods}
             )
-            frames.append(run_experiment(RunSpec(experiment, [], list(seeds), variants=variants), features))
+            spec = RunSpec(experiment, [], list(seeds), variants=variants)
+            frames.append(run_experiment(spec, features, context=context))
     return pd.concat(frames, ignore_index=True)

@@ -101,6 +101,7 @@ TABLE_ORDER = (
     "afr",
     "contrastive_adapter",
     "umfc",
+    "tpt",
     "groupdro",
     "cfr",
 )
@@ -159,7 +160,8 @@ def paired_table(
 ) -> pd.DataFrame:
     """``reference`` against every other method setting, paired on the same seeds and test samples: the mean
     over shared seeds of ``metric(reference) - metric(other)`` (percentage points) with its 95% bootstrap
-    interval, per dataset, model and protocol (:func:`calib.stats.paired_difference`)."""
+    interval, per dataset, model and protocol (:func:`calib.stats.paired_difference`).  A method evaluated on
+    a test subsample (TPT's ``max_images``) shares no full test set with the reference and is left out."""
     parts = list(_protocol_parts(df))
     rank = {m: i for i, m in enumerate(methods)}
     records = []
@@ -170,6 +172,8 @@ def paired_table(
             if (ds2, model2) != (ds, model) or other == reference:
                 continue
             for label, sub in protocols.items():
+                if any(isinstance(o, dict) and o.get("max_images", 0) for o in sub.get("options", [])):
+                    continue  # a test subsample: not the reference's samples, nothing to pair
                 ref = ref_protocols.get(label)
                 result = paired_difference(ref, sub, metric) if ref is not None and len(ref) and len(sub) else None
                 records.append(
@@ -280,7 +284,21 @@ README_BLOCKS = {  # marker name -> (experiment, table renderer, also the testbe
     "results": ("spurious_correlation", lambda df: render_table(results_table(df), "markdown"), False),
     "main-table": ("main_results", lambda df: render_main_table(main_table(df), "markdown"), False),
     "cfr-dynamics": ("cfr_dynamics", render_dynamics, True),
+    "attribution": ("attribution", lambda df: _attribution_block(df), False),
+    "pretraining": ("pretraining_sources", lambda df: _pretraining_block(df), False),
 }
+
+
+def _attribution_block(df: pd.DataFrame) -> str:
+    from calib.attribution_study import mass_markdown, mass_table_from_rows
+
+    return mass_markdown(mass_table_from_rows(df))
+
+
+def _pretraining_block(df: pd.DataFrame) -> str:
+    from calib.pretraining import robustness_table, table_markdown
+
+    return table_markdown(robustness_table(df))
 
 
 def render_versions(rows: list[dict]) -> str:

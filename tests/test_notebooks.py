@@ -20,7 +20,10 @@ EXPECT = {
     "04_ablations": (["ablations"], "ablations"),
     "05_feature_geometry": (["feature_geometry", "calibration_set"], None),
     "06_cfr_dynamics": (["cfr_dynamics"], "cfr_dynamics"),
+    "07_attribution": (["attribution_maps", "attribution_mass"], "attribution"),
+    "08_pretraining_sources": (["pretraining_sources", "pretraining_sources_balanced"], "pretraining_sources"),
 }
+SUFFIX = {"08_pretraining_sources": "_toy-quick"}  # a study across models: figures named by the dataset only
 QUICK_SEEDS, QUICK_EPOCHS = {0, 1}, 3  # what ./run_all.sh --quick passes the notebooks
 
 
@@ -51,7 +54,9 @@ def test_run_all_quick_end_to_end(quick_run):
     for stem in FIGURE_STEMS:
         assert f"{stem}_toy-quick_calib-toy-vit.png" in figures, stem
     assert "cfr_dynamics_testbed-mu_core0.5-scale0.1.png" in figures
-    assert len(list((home / "notebooks" / "executed").glob("*.ipynb"))) == 7  # under CALIB_HOME, not the checkout
+    assert len(list((home / "notebooks" / "executed").glob("*.ipynb"))) == len(
+        NOTEBOOKS
+    )  # under CALIB_HOME, not the checkout
     rows = [json.loads(line) for line in (home / "results" / "main_results.jsonl").read_text().splitlines()]
     assert {r["lanes"] for r in rows if r["method"] == "cfr"} == {2}  # the two seeds trained in one pass
 
@@ -65,6 +70,8 @@ def test_there_are_notebooks():
         "04_ablations.ipynb",
         "05_feature_geometry.ipynb",
         "06_cfr_dynamics.ipynb",
+        "07_attribution.ipynb",
+        "08_pretraining_sources.ipynb",
     ]
 
 
@@ -117,14 +124,24 @@ def test_notebook_executes(nb, quick_run):
     if re.search(r"\d+%\|", stdout):  # a progress bar ran: it was saved at its end
         assert "100%|" in stdout
     figs = home / "figures"
+    suffix = SUFFIX.get(nb.stem, "_toy-quick_calib-toy-vit")
     for stem in stems:
-        assert (figs / f"{stem}_toy-quick_calib-toy-vit.png").is_file(), stem
-        assert (figs / f"{stem}_toy-quick_calib-toy-vit.pdf").is_file(), stem
+        assert (figs / f"{stem}{suffix}.png").is_file(), stem
+        assert (figs / f"{stem}{suffix}.pdf").is_file(), stem
     if results:
         rows = [json.loads(line) for line in (home / "results" / f"{results}.jsonl").read_text().splitlines()]
-        assert {r["seed"] for r in rows} >= ({0} if nb.stem in ("04_ablations", "06_cfr_dynamics") else QUICK_SEEDS)
+        single_seed = ("04_ablations", "06_cfr_dynamics", "07_attribution", "08_pretraining_sources")
+        assert {r["seed"] for r in rows} >= ({0} if nb.stem in single_seed else QUICK_SEEDS)
     if nb.stem == "06_cfr_dynamics":  # the testbed's figure, and histories in the rows
         assert (figs / "cfr_dynamics_testbed-mu_core0.5-scale0.1.png").is_file()
         assert all(len(r["history"]) == QUICK_EPOCHS for r in rows)
+    if nb.stem == "07_attribution":  # per group mass on the bird, for both projections, every method
+        assert {(r["variant"], r["method"]) for r in rows} == {
+            (m, a) for m in ("zero-shot", "CFR") for a in ("m2ib", "gradcam", "attention", "rollout")
+        }
+        assert all(len(r["metrics"]["test"]["mass_group"]) == 4 for r in rows)
+    if nb.stem == "08_pretraining_sources":
+        assert {r["kind"] for r in rows} == {"toy source", "mixture"}
+        assert (figs / "pretraining_sources_toy-quick.md").is_file()
     # run in notebooks/executed/ (papermill --cwd): nothing written to the working directory
     assert not list((home / "notebooks" / "executed").glob("*.png"))

@@ -147,7 +147,8 @@ def test_paper_profile_without_weights_stops_at_once_with_instructions(tmp_path)
 
 
 def test_paper_profile_end_to_end_on_fixtures(tmp_path):
-    """The paper profile's real code path (extraction, notebooks 00-06 per dataset, the joint main table) on
+    """The paper profile's real code path (extraction, notebooks 00-07 per dataset, 08 per dataset, the joint main
+    table with TPT) on
     MetaShift and CheXpert fixtures in their release layouts, with a real open_clip architecture at random
     weights (``--backbones calib-toy-vit:random``) and ``--quick`` settings.  Waterbirds and CelebA are left
     out to keep the suite short; they share the Waterbirds-style official-split path the toy profile runs."""
@@ -175,6 +176,8 @@ def test_paper_profile_end_to_end_on_fixtures(tmp_path):
             "--backbones",
             "calib-toy-vit:random",
             "--quick",
+            "--tpt-images",
+            "20",
         ],
         capture_output=True,
         text=True,
@@ -190,12 +193,12 @@ def test_paper_profile_end_to_end_on_fixtures(tmp_path):
             assert f"{stem}_{ds}_calib-toy-vit.png" in figures, (stem, ds)
     table = (home / "figures" / "main_results_metashift_chexpert.md").read_text()
     for ds in ("metashift", "chexpert"):
-        for method in ("zeroshot", "dfr†", "groupdro‡", "cfr"):
+        for method in ("zeroshot", "dfr†", "groupdro‡", "cfr", "tpt (20 test images)"):
             assert f"| {ds} | calib-toy-vit | {method} |" in table
     rows = load_results("main_results", home / "results")
     assert set(rows.dataset) == {"metashift", "chexpert"} and set(rows.pretrained) == {"random"}
     executed = sorted((home / "notebooks" / "executed").glob("*.ipynb"))
-    assert len(executed) == 2 * 6 + 1
+    assert len(executed) == 2 * 7 + 2 + 1  # 00-07 but 03 per dataset, 08 per dataset, the joint 03
     for path in executed:
         nb = nbformat.read(path, as_version=4)
         assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"], path

@@ -45,6 +45,9 @@ class NoOptions:
     """This method has no options."""
 
 
+SUBSAMPLE_SEED = 0  # the test subsample of a per-image method (max_images) is the same for every run seed
+
+
 @dataclass
 class RunContext:
     """What a method that works on images (``uses`` "images" / "clip", e.g. TPT) gets beside the features:
@@ -280,7 +283,9 @@ def run_method(
 ) -> MethodRun:
     """Fit method ``name`` on ``data`` with ``seed`` and evaluate it on ``splits`` (default: the method's
     ``eval_splits``, else all present).  Methods that work on images need ``context`` (dataset and model); a
-    positive ``max_images`` option evaluates a seeded subsample of that many test samples."""
+    positive ``max_images`` option evaluates a seeded subsample of that many test samples (:data:`SUBSAMPLE_SEED`:
+    the same images for every run seed, so seeds differ only in the method's own randomness and compare on one
+    sample)."""
     return run_methods(name, data, [seed], [options], splits, context)[0]
 
 
@@ -302,7 +307,7 @@ def run_methods(
     cls = get_method_class(name)
     methods = [cls(make_options(name, o)) for o in options]
     inputs = []
-    for method, seed in zip(methods, seeds):
+    for method in methods:
         run_data = data
         if method.needs_images():
             if context is None:
@@ -314,7 +319,7 @@ def run_methods(
             if getattr(method.options, "max_images", 0):
                 from calib.features import subsample
 
-                run_data = subsample(data, "test", method.options.max_images, seed)
+                run_data = subsample(data, "test", method.options.max_images, SUBSAMPLE_SEED)
         check_inputs(name, method.uses, run_data)
         inputs.append(run_data)
     passes: dict[Any, list[int]] = {}

@@ -135,6 +135,11 @@ class TPT(Method):
     uses = ("images", "clip")
     eval_splits = ("test",)
 
+    @classmethod
+    def row_label(cls, options: dict) -> str:
+        n = options.get("max_images", 0)
+        return f"{cls.name} ({n} test images)" if n else cls.name
+
     def fit(self, data, seed: int) -> None:
         if self.options.augment != "crop":
             raise ValueError(f"TPT augment {self.options.augment!r}: only 'crop' is implemented (AugMix is not)")
