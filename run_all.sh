@@ -103,7 +103,7 @@ for r in paper_plan(Path(sys.argv[1]), bb).rows: print(r.dataset, r.model, r.pre
   for ds in $(printf '%s\n' "${runs[@]}" | cut -d' ' -f1 | awk '!seen[$0]++'); do
     t=$SECONDS  # the pretraining-source study over the given backbones (no toy sources on real data)
     "$PY" -m papermill --log-level WARNING -k python3 notebooks/08_pretraining_sources.ipynb \
-      "$executed/08_pretraining_sources__${ds}.ipynb" -y "{dataset: $ds, sources: [], backbones: $backbones_yaml}"
+      "$executed/08_pretraining_sources__${ds}.ipynb" -y "{dataset: $ds, sources: [], clip_backbones: $backbones_yaml}"
     stage "notebook 08_pretraining_sources ($ds)" $((SECONDS - t))
   done
   t=$SECONDS
