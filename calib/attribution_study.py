@@ -212,8 +212,7 @@ def mass_table_from_rows(rows: pd.DataFrame) -> pd.DataFrame:
     """The mass table (:meth:`AttributionStudy.mass_table`'s columns) rebuilt from ``attribution`` result rows
     (:func:`calib.results.load_results`), for tables that only read rows."""
     recs = []
-    for r in rows.itertuples(index=False):
-        r = r._asdict()
+    for r in rows.to_dict("records"):  # (itertuples would rename the dotted metric columns)
         for name, mass, area, n in zip(r["group_names"], r["test.mass_group"], r["test.area_group"], r["test.n_group"]):
             recs.append(
                 {
