@@ -160,11 +160,17 @@ run_lane() {  # run_lane NAME NOTEBOOK... ; writes "<seconds> <notebook>" lines 
   done
 }
 t_nb=$SECONDS
-# balanced by their measured cost (toy, cold): 03 + 06 + 04 in one lane; 08 (it pretrains three toy CLIPs, about
-# 3 min each on one thread, cached afterwards) and the short ones in the other.  Every notebook reads only cached
-# features, its own rows and its own toy CLIPs, so the order is free.
-heavy=(notebooks/03_*.ipynb notebooks/06_*.ipynb notebooks/04_*.ipynb)
+# balanced by their measured cost (toy): 03 + 06 (about 390 s) in one lane, 04 (about 230 s) and the short ones in
+# the other.  08 pretrains three toy CLIPs the first time (about 3 min each on one thread, cached afterwards): then
+# 04 moves to the first lane.  Every notebook reads only cached features, its own rows and its own toy CLIPs, so
+# the order is free.
+heavy=(notebooks/03_*.ipynb notebooks/06_*.ipynb)
 others=(notebooks/08_*.ipynb)
+if [ "$quick" = 0 ] && [ -n "$("$PY" -c 'from calib.pretraining import missing_sources; print(*missing_sources())')" ]; then
+  heavy+=(notebooks/04_*.ipynb)
+else
+  others+=(notebooks/04_*.ipynb)
+fi
 for nb in notebooks/[0-9][0-9]_*.ipynb; do
   case "$nb" in notebooks/0[3468]_*) ;; *) others+=("$nb") ;; esac
 done

@@ -69,6 +69,10 @@ MIXTURES: dict[str, tuple[str, ...]] = {
 }
 
 
+# notebook 08's default `sources` (a fast subset; tests check the notebook declares exactly this)
+DEFAULT_SOURCES = ("reference", "noisy captions", "strong habitat bias", "noisy captions + strong habitat bias")
+
+
 def _training(preset: str, n_pairs: int) -> ToyClipConfig:
     """The toy preset's training settings for a corpus of ``n_pairs`` (quick preset: at most its size)."""
     base = TOY_PRESETS[preset]
@@ -92,17 +96,36 @@ def source_names(names: list[str]) -> None:
             raise ValueError(f"unknown toy pretraining source {name!r}; known: {', '.join(known)}")
 
 
+def _checkpoint(name: str, preset: str, cache_dir: Path | None) -> tuple[Path, ToyClipConfig, tuple[str, ...]]:
+    parts = MIXTURES.get(name, (name,))
+    size = SOURCES["reference"].n_pairs if name in MIXTURES else SOURCES[name].n_pairs
+    cfg = _training(preset, size)
+    spec = {"training": dataclasses.asdict(cfg), "parts": [dataclasses.asdict(SOURCES[p]) for p in parts]}
+    folder = Path(cache_dir or paths.cache_dir()) / "models" / f"{TOY_MODEL_NAME}-source-{stable_hash(spec, 12)}"
+    return folder, cfg, parts
+
+
+def missing_sources(names: tuple[str, ...] = DEFAULT_SOURCES, preset: str = "toy") -> list[str]:
+    """The sources among ``names`` whose toy CLIP is not cached yet (``run_all.sh`` balances its lanes by it)."""
+    from calib.toyclip import checkpoint_dir
+
+    source_names(list(names))
+    out = []
+    for name in names:
+        folder = checkpoint_dir(TOY_PRESETS[preset]) if name == "reference" else _checkpoint(name, preset, None)[0]
+        if not (folder / "open_clip_model.safetensors").is_file():
+            out.append(name)
+    return out
+
+
 def ensure_source_clip(name: str, preset: str = "toy", cache_dir: Path | None = None) -> Path:
     """The checkpoint (``open_clip_model.safetensors``) of the toy CLIP pretrained on source or mixture ``name``,
     training it first if it is not cached.  ``reference`` under a preset is that preset's toy CLIP itself."""
     source_names([name])
     if name == "reference":
         return ensure_toy_clip(TOY_PRESETS[preset], cache_dir)
-    parts = MIXTURES.get(name, (name,))
-    size = SOURCES["reference"].n_pairs if name in MIXTURES else SOURCES[name].n_pairs
-    cfg = _training(preset, size)
+    folder, cfg, parts = _checkpoint(name, preset, cache_dir)
     spec = {"training": dataclasses.asdict(cfg), "parts": [dataclasses.asdict(SOURCES[p]) for p in parts]}
-    folder = Path(cache_dir or paths.cache_dir()) / "models" / f"{TOY_MODEL_NAME}-source-{stable_hash(spec, 12)}"
     weights = folder / "open_clip_model.safetensors"
     if weights.is_file():
         return weights

@@ -111,3 +111,19 @@ def test_study_rows_are_reused(toy_quick):
     frame = study_frame(again)
     assert list(frame["source"]) == ["reference", "noisy captions"]
     assert set(frame["kind"]) == {"toy source"} and frame["test.avg_acc"].between(0, 1).all()
+
+
+def test_notebook_default_sources_and_missing(tmp_path, monkeypatch):
+    import nbformat
+
+    from calib.pretraining import DEFAULT_SOURCES, missing_sources
+    from tests.test_notebooks import REPO
+
+    nb = nbformat.read(REPO / "notebooks" / "08_pretraining_sources.ipynb", as_version=4)
+    params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    line = next(x for x in params.source.splitlines() if x.startswith("sources:"))
+    assert line.split(" = ", 1)[1].split("  #")[0] == json.dumps(list(DEFAULT_SOURCES))
+    monkeypatch.setenv("CALIB_CACHE_DIR", str(tmp_path))
+    assert missing_sources(("noisy captions",), "toy-quick") == ["noisy captions"]
+    ensure_source_clip("noisy captions", "toy-quick")
+    assert missing_sources(("noisy captions",), "toy-quick") == []
