@@ -244,8 +244,15 @@ def scatter_figure(table: pd.DataFrame, ood: str = "wga", title: str = "") -> pl
             continue
         xs = np.linspace(part["avg_acc"].min() - 0.02, min(part["avg_acc"].max() + 0.02, 0.999), 50)
         ax.plot(xs, predict_ood(line, xs), ls="--", color="grey", lw=1)
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
     ax.set_xscale("logit")
     ax.set_yscale("logit")
+    ticks = [0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999]
+    for axis in (ax.xaxis, ax.yaxis):  # accuracies in percent at readable points of the logit axis
+        axis.set_major_locator(FixedLocator(ticks))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{100 * v:g}%"))
+        axis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("average test accuracy (ID), logit scale")
     ax.set_ylabel(("worst-group" if ood == "wga" else "group-balanced") + " accuracy, logit scale")
     if title:
