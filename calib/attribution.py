@@ -411,9 +411,13 @@ def image_maps(
     n = len(images)
     if text is not None:
         text = _text_targets(text, n, images.device)
+    from calib.utils import progress
+
     out = []
+    starts = range(0, n, batch_size)
+    bar = progress(starts, desc=f"{method} maps", unit="batch", disable=len(starts) < 2, mininterval=2)
     with _frozen(tower.module if tower.module is not None else nn.ModuleList(tower.blocks)):
-        for s in range(0, n, batch_size):
+        for s in bar:
             x = images[s : s + batch_size]
             t = None if text is None else text[s : s + batch_size]
             if method == "m2ib":

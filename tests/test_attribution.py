@@ -240,3 +240,22 @@ def test_method_projection_reads_a_trained_head(toy_features):
     assert W.shape == toy_features.W0.shape and b.shape == (toy_features.W0.shape[1],)
     with pytest.raises(ValueError, match="no trained projection"):
         method_projection(object())
+
+
+def test_resnet_tower_maps():
+    """A ModifiedResNet (RN50, random weights, 64 px): M2IB and Grad-CAM on a stage's spatial output; attention
+    maps say they need a ViT."""
+    from calib.models import UnsupportedModelError, load_clip
+
+    rn = load_clip("RN50", "random:0", device="cpu", force_image_size=64)
+    tower = image_tower(rn.model)
+    assert tower.layout == "spatial" and len(tower.blocks) == 4 and tower.default_layer() == 3
+    torch.manual_seed(6)
+    images, text = torch.randn(2, 3, 64, 64), torch.randn(1024)
+    scores = m2ib(tower, images, text, M2IBOptions(steps=2, batch_size=2, layer=2))
+    assert scores.shape == (2, 4, 4)  # layer3's output: 64 px / 16
+    for method in ("m2ib", "gradcam"):
+        maps = image_maps(method, tower, images, text, M2IBOptions(steps=2, batch_size=2))
+        assert maps.shape == (2, 64, 64) and np.isfinite(maps).all(), method
+    with pytest.raises(UnsupportedModelError, match="need a transformer"):
+        image_maps("rollout", tower, images)
