@@ -47,3 +47,53 @@ def toy_features(toy_quick):
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+class BackgroundRun:
+    """A ``./run_all.sh`` started in the background; :meth:`wait` returns ``(returncode, stdout, stderr)``."""
+
+    def __init__(self, args: list[str], home: Path, timeout: float = 900):
+        import subprocess
+        import sys
+
+        env = {**os.environ, "CALIB_USE_CURRENT_ENV": "1", "PYTHON": sys.executable, "CALIB_HOME": str(home)}
+        for var in ("CALIB_DATA_DIR", "CALIB_CACHE_DIR", "CALIB_RESULTS_DIR", "CALIB_FIGURES_DIR"):
+            env.pop(var, None)
+        self.home, self.timeout = home, timeout
+        self.proc = subprocess.Popen(
+            ["bash", str(REPO / "run_all.sh"), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self._result: tuple[int, str, str] | None = None
+
+    def wait(self) -> tuple[int, str, str]:
+        if self._result is None:
+            out, err = self.proc.communicate(timeout=self.timeout)
+            self._result = (self.proc.returncode, out, err)
+        return self._result
+
+
+@pytest.fixture(scope="session")
+def paper_profile_run(tmp_path_factory) -> BackgroundRun:
+    """``./run_all.sh --profile paper --quick`` on MetaShift and CheXpert fixtures (release layouts) with the toy
+    architecture at random weights, started in the background.  ``tests/test_notebooks.py``'s quick run requests it
+    first, so the suite's two long end-to-end runs overlap on the CPU's cores; ``tests/test_profile.py`` waits for
+    it.  Waterbirds and CelebA are left out to keep it short (they share the Waterbirds-style official-split path the
+    toy profile runs)."""
+    import shutil
+
+    from tests.fixtures import write_paper_data_dir
+
+    root = tmp_path_factory.mktemp("paper_profile")
+    data = write_paper_data_dir(root / "data", per_group=6)
+    shutil.rmtree(data / "waterbirds")
+    shutil.rmtree(data / "celeba")
+    args = ["--profile", "paper", "--data-dir", str(data), "--backbones", "calib-toy-vit:random", "--quick"]
+    run = BackgroundRun(args + ["--tpt-images", "20"], root / "home")
+    yield run
+    if run.proc.poll() is None:  # a run nobody waited for (a subset of the tests was selected)
+        run.proc.kill()
+        run.proc.communicate()

@@ -28,22 +28,16 @@ QUICK_SEEDS, QUICK_EPOCHS = {0, 1}, 3  # what ./run_all.sh --quick passes the no
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+def quick_run(tmp_path_factory, paper_profile_run):
     """``./run_all.sh --quick`` once, with the current interpreter, into a fresh CALIB_HOME: every stage, both
-    notebook lanes, every notebook under papermill (in its own working directory).  The tests below read it."""
-    import os
-    import subprocess
-    import sys
+    notebook lanes, every notebook under papermill (in its own working directory).  The tests below read it.
+    ``paper_profile_run`` is requested first only to start it: the two long runs overlap on the CPU."""
+    from tests.conftest import BackgroundRun
 
     home = tmp_path_factory.mktemp("quick_home")
-    env = {**os.environ, "CALIB_USE_CURRENT_ENV": "1", "PYTHON": sys.executable, "CALIB_HOME": str(home)}
-    for var in ("CALIB_DATA_DIR", "CALIB_CACHE_DIR", "CALIB_RESULTS_DIR", "CALIB_FIGURES_DIR"):
-        env.pop(var, None)
-    r = subprocess.run(
-        ["bash", str(REPO / "run_all.sh"), "--quick"], capture_output=True, text=True, env=env, timeout=900
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return home, r.stdout
+    returncode, stdout, stderr = BackgroundRun(["--quick"], home).wait()
+    assert returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return home, stdout
 
 
 def test_run_all_quick_end_to_end(quick_run):

@@ -11,7 +11,7 @@ import torch
 
 from calib.plan import PAPER_BACKBONES, full_size_plan, paper_plan, parse_backbones
 from calib.throughput import measure, peak_bf16
-from tests.fixtures import FIGURE_STEMS, ROWS, write_paper_data_dir, write_waterbirds_fixture
+from tests.fixtures import FIGURE_STEMS, ROWS, write_waterbirds_fixture
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,47 +146,20 @@ def test_paper_profile_without_weights_stops_at_once_with_instructions(tmp_path)
     assert not (tmp_path / "home" / ".cache" / "features").exists()  # nothing half-written
 
 
-def test_paper_profile_end_to_end_on_fixtures(tmp_path):
+def test_paper_profile_end_to_end_on_fixtures(paper_profile_run):
     """The paper profile's real code path (extraction, notebooks 00-07 per dataset, 08 per dataset, the joint main
-    table with TPT) on
-    MetaShift and CheXpert fixtures in their release layouts, with a real open_clip architecture at random
-    weights (``--backbones calib-toy-vit:random``) and ``--quick`` settings.  Waterbirds and CelebA are left
-    out to keep the suite short; they share the Waterbirds-style official-split path the toy profile runs."""
-    import shutil
-
+    table with TPT) on MetaShift and CheXpert fixtures in their release layouts, with a real open_clip architecture
+    at random weights (``--backbones calib-toy-vit:random``) and ``--quick`` settings (the run: ``conftest.py``'s
+    ``paper_profile_run``)."""
     import nbformat
 
     from calib.results import load_results
 
-    data = write_paper_data_dir(tmp_path / "data", per_group=6)
-    shutil.rmtree(data / "waterbirds")
-    shutil.rmtree(data / "celeba")
-    home = tmp_path / "home"
-    env = {**os.environ, "CALIB_USE_CURRENT_ENV": "1", "PYTHON": sys.executable, "CALIB_HOME": str(home)}
-    for var in ("CALIB_DATA_DIR", "CALIB_CACHE_DIR", "CALIB_RESULTS_DIR", "CALIB_FIGURES_DIR"):
-        env.pop(var, None)
-    r = subprocess.run(
-        [
-            "bash",
-            str(REPO / "run_all.sh"),
-            "--profile",
-            "paper",
-            "--data-dir",
-            str(data),
-            "--backbones",
-            "calib-toy-vit:random",
-            "--quick",
-            "--tpt-images",
-            "20",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "skip waterbirds: not found" in r.stdout and "skip celeba: not found" in r.stdout
-    assert "Passed unknown parameter" not in r.stderr  # each notebook got only the parameters it declares
+    returncode, stdout, stderr = paper_profile_run.wait()
+    home = paper_profile_run.home
+    assert returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "skip waterbirds: not found" in stdout and "skip celeba: not found" in stdout
+    assert "Passed unknown parameter" not in stderr  # each notebook got only the parameters it declares
     figures = {p.name for p in (home / "figures").glob("*.png")}
     for ds in ("metashift", "chexpert"):
         for stem in FIGURE_STEMS:
