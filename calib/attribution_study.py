@@ -21,12 +21,11 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from calib.attribution import METHODS, M2IBOptions, image_maps, image_tower, mass_inside, method_projection
 from calib.data.base import GroupDataset
 from calib.data.toy import MARKER, foreground_masks
-from calib.features import FeatureSet
+from calib.features import FeatureSet, ImageFiles
 from calib.models import LoadedClip
 from calib.plots import use_style
 from calib.results import make_row
@@ -100,7 +99,8 @@ def _normalize_stats(preprocess) -> tuple[torch.Tensor, torch.Tensor]:
 
 def load_images(loaded: LoadedClip, paths: list[Path]) -> tuple[torch.Tensor, np.ndarray]:
     """Preprocessed images ``[n, 3, H, W]`` and the same pixels for display ``[n, H, W, 3]`` uint8."""
-    x = torch.stack([loaded.preprocess(Image.open(p).convert("RGB")) for p in paths])
+    files = ImageFiles(list(paths), loaded.preprocess)  # the feature extractor's reader: its errors for bad files
+    x = torch.stack([files[i][0] for i in range(len(files))])
     mean, std = _normalize_stats(loaded.preprocess)
     show = ((x * std + mean).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
     return x, show

@@ -96,13 +96,14 @@ def source_names(names: list[str]) -> None:
             raise ValueError(f"unknown toy pretraining source {name!r}; known: {', '.join(known)}")
 
 
-def _checkpoint(name: str, preset: str, cache_dir: Path | None) -> tuple[Path, ToyClipConfig, tuple[str, ...]]:
+def _checkpoint(name: str, preset: str, cache_dir: Path | None) -> tuple[Path, ToyClipConfig, tuple[str, ...], dict]:
+    """The checkpoint folder of source or mixture ``name``, its training settings, its parts and its definition."""
     parts = MIXTURES.get(name, (name,))
     size = SOURCES["reference"].n_pairs if name in MIXTURES else SOURCES[name].n_pairs
     cfg = _training(preset, size)
     spec = {"training": dataclasses.asdict(cfg), "parts": [dataclasses.asdict(SOURCES[p]) for p in parts]}
     folder = Path(cache_dir or paths.cache_dir()) / "models" / f"{TOY_MODEL_NAME}-source-{stable_hash(spec, 12)}"
-    return folder, cfg, parts
+    return folder, cfg, parts, spec
 
 
 def missing_sources(names: tuple[str, ...] = DEFAULT_SOURCES, preset: str = "toy") -> list[str]:
@@ -124,8 +125,7 @@ def ensure_source_clip(name: str, preset: str = "toy", cache_dir: Path | None = 
     source_names([name])
     if name == "reference":
         return ensure_toy_clip(TOY_PRESETS[preset], cache_dir)
-    folder, cfg, parts = _checkpoint(name, preset, cache_dir)
-    spec = {"training": dataclasses.asdict(cfg), "parts": [dataclasses.asdict(SOURCES[p]) for p in parts]}
+    folder, cfg, parts, spec = _checkpoint(name, preset, cache_dir)
     weights = folder / "open_clip_model.safetensors"
     if weights.is_file():
         return weights
