@@ -389,6 +389,13 @@ def attention_maps(tower: Tower, images: torch.Tensor, kind: str = "rollout") ->
     return _upsample(mat[:, 0, tower.prefix :], tower, tuple(images.shape[-2:]))
 
 
+def applicable_methods(tower: Tower, methods: Sequence[str] = METHODS) -> tuple[str, ...]:
+    """The methods of ``methods`` that ``tower`` supports: attention maps need a transformer with a CLS token
+    (a ResNet tower has M2IB and Grad-CAM only)."""
+    attention_ok = tower.layout == "tokens" and tower.prefix >= 1
+    return tuple(m for m in methods if attention_ok or m not in ("attention", "rollout"))
+
+
 # --- one entry point and the mass summary -------------------------------------------------------------------
 
 

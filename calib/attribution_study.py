@@ -22,7 +22,15 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from calib.attribution import METHODS, M2IBOptions, image_maps, image_tower, mass_inside, method_projection
+from calib.attribution import (
+    METHODS,
+    M2IBOptions,
+    applicable_methods,
+    image_maps,
+    image_tower,
+    mass_inside,
+    method_projection,
+)
 from calib.data.base import GroupDataset
 from calib.data.toy import MARKER, foreground_masks
 from calib.features import FeatureSet, ImageFiles
@@ -146,6 +154,10 @@ def attribution_study(
     log.info("training CFR (seed %d) for the calibrated projection", seed)
     cfr = run_method("cfr", features, seed, cfr_options, splits=("test",)).instance
     towers = {"zero-shot": image_tower(loaded.model), "CFR": image_tower(loaded.model, method_projection(cfr))}
+    usable = applicable_methods(towers["zero-shot"], methods)
+    if usable != tuple(methods):
+        log.info("%s: no attention maps on this tower (a ResNet); mapping %s", loaded.name, ", ".join(usable))
+    methods = usable
     maps, seconds, predictions = {}, {}, {}
     for name, tower in towers.items():
         with torch.no_grad():

@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from calib.attribution import (
+    METHODS,
     M2IBOptions,
     Tower,
+    applicable_methods,
     attention_weights,
     gradcam_maps,
     image_maps,
@@ -259,3 +261,5 @@ def test_resnet_tower_maps():
         assert maps.shape == (2, 64, 64) and np.isfinite(maps).all(), method
     with pytest.raises(UnsupportedModelError, match="need a transformer"):
         image_maps("rollout", tower, images)
+    assert applicable_methods(tower) == ("m2ib", "gradcam")  # what notebook 07 maps on a ResNet
+    assert applicable_methods(image_tower(load_clip("calib-toy-vit", "random:0", device="cpu").model)) == METHODS
