@@ -13,6 +13,22 @@ _calib_pip() {  # quiet pip, minus this machine's harmless index-location warnin
   "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 }
 
+# The environment needs about 7 GiB: the venv is 6.2 GiB (PyPI's torch for Linux x86_64 is the CUDA build,
+# 5.5 GiB with its nvidia-* wheels) and pip unpacks into a temporary folder while installing.
+CALIB_ENV_GIB="${CALIB_ENV_GIB:-7}"
+
+# calib_check_space DIR GIB: warn (stderr) when the filesystem holding DIR has less than GIB GiB free.
+calib_check_space() {
+  local dir="$1" need="$2" free_kib
+  while [ ! -e "$dir" ]; do dir="$(dirname "$dir")"; done
+  free_kib="$(df -Pk "$dir" 2>/dev/null | awk 'NR == 2 {print $4}')"
+  [ -n "$free_kib" ] || return 0
+  if [ "$free_kib" -lt $((need * 1024 * 1024)) ]; then
+    echo "[calib] warning: $((free_kib / 1024 / 1024)) GiB free where the environment goes ($1); it needs about" \
+      "$need GiB. Free some space, or set CALIB_VENV to a folder on a larger disk." >&2
+  fi
+}
+
 calib_bootstrap() {
   local root="$1"
   if [ "${CALIB_USE_CURRENT_ENV:-0}" = "1" ]; then
@@ -48,8 +64,13 @@ calib_bootstrap() {
   fi
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "[calib] installing calib and its dependencies into $venv (one time; a few minutes)"
-    _calib_pip "$venv/bin/python" -m pip install -q --upgrade pip
-    _calib_pip "$venv/bin/python" -m pip install -q "${pins[@]}" -e "$root[dev]"
+    calib_check_space "$venv" "$CALIB_ENV_GIB"
+    if ! { _calib_pip "$venv/bin/python" -m pip install -q --upgrade pip &&
+      _calib_pip "$venv/bin/python" -m pip install -q "${pins[@]}" -e "$root[dev]"; }; then
+      echo "[calib] error: installing the environment into $venv failed (pip's message is above). It is" \
+        "re-installed at the next run; if the disk was full, free space or set CALIB_VENV." >&2
+      return 1
+    fi
     echo "$want" > "$stamp"
   fi
   PY="$venv/bin/python"

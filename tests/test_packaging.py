@@ -136,3 +136,16 @@ def test_project_environment_matches_the_lock():
     pins = _lock()
     for name in ("torch", "numpy", "open-clip-torch", "scikit-learn", "pandas", "seaborn", "matplotlib"):
         assert md.version(name).split("+")[0] == pins[name], name
+
+
+def test_bootstrap_warns_before_an_install_that_cannot_fit(tmp_path):
+    """The disk check the bootstrap runs before installing (a full disk once failed CI halfway through pip)."""
+
+    def check(gib: int) -> str:
+        script = f'source "{REPO}/scripts/bootstrap.sh"; calib_check_space "{tmp_path}/not/yet/made" {gib}'
+        return subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stderr
+
+    warning = check(10**9)  # more than any disk: warned, naming the folder and the way out
+    assert "GiB free where the environment goes" in warning and f"{tmp_path}/not/yet/made" in warning
+    assert "CALIB_VENV" in warning
+    assert check(0) == ""  # enough space: silent
