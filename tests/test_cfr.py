@@ -11,7 +11,7 @@ from calib.bench import synthetic_features
 from calib.methods import run_method
 from calib.methods.cfr import CFROptions, calibration_set, loss_weight, reference_erm
 from calib.methods.heads import normalize
-from calib.methods.losses import TSCLoss, info_nce, simplex_targets, supcon_loss
+from calib.methods.losses import TSCLoss, info_nce, key_logsumexp, simplex_targets, supcon_loss
 from calib.methods.projection import ProjectionHead
 
 FAST = {"epochs": 3, "reference_epochs": 3}
@@ -132,6 +132,27 @@ def test_simplex_targets_are_maximally_spread():
         cos = (t @ t.T).numpy()
         np.testing.assert_allclose(np.diag(cos), 1, atol=1e-5)
         np.testing.assert_allclose(cos[~np.eye(c, dtype=bool)], -1 / (c - 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_key_logsumexp_matches_torch(dtype):
+    """The exp2 log-sum-exp with its saved softmax against torch.logsumexp, values and gradients, lanes kept."""
+    gen = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(3, 7, 16, generator=gen, dtype=dtype), dim=-1).requires_grad_()
+    keys = F.normalize(torch.randn(3, 40, 16, generator=gen, dtype=dtype), dim=-1)
+    w = torch.randn(3, 7, generator=gen, dtype=dtype)  # a non-uniform upstream gradient
+    t = 0.07
+    ours = key_logsumexp(q, keys, t)
+    ref = torch.logsumexp((q / t) @ keys.transpose(1, 2), dim=-1)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-6, "atol": 1e-5}
+    torch.testing.assert_close(ours, ref, **tol)
+    g_ours = torch.autograd.grad((w * ours).sum(), q)[0]
+    g_ref = torch.autograd.grad((w * ref).sum(), q)[0]
+    torch.testing.assert_close(g_ours, g_ref, **tol)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda x: key_logsumexp(x, keys, t), (q,))
+    with pytest.raises(ValueError, match="constants"):
+        key_logsumexp(q, keys.clone().requires_grad_(), t)
 
 
 def test_tsc_matches_a_dense_reference():
