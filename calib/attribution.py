@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from calib.models import UnsupportedModelError, _tower_kind, _without_projection, projection_params
+from calib.utils import progress
 
 log = logging.getLogger(__name__)
 
@@ -418,8 +419,6 @@ def image_maps(
     n = len(images)
     if text is not None:
         text = _text_targets(text, n, images.device)
-    from calib.utils import progress
-
     out = []
     starts = range(0, n, batch_size)
     bar = progress(starts, desc=f"{method} maps", unit="batch", disable=len(starts) < 2, mininterval=2)

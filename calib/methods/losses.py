@@ -59,7 +59,7 @@ class _KeyLogSumExp(torch.autograd.Function):
     Here the logits are made in log2 units (the factor ``log2(e) / t`` scales the small query, not the
     ``[S, B, K]`` logits), exponentiated once with ``exp2``, and normalised in place into the softmax that
     the backward reuses.  The values agree with ``torch.logsumexp`` to float rounding
-    (``tests/test_losses.py``); docs/speed.md has the timings.
+    (``tests/test_cfr.py``); docs/speed.md has the timings.
     """
 
     @staticmethod
