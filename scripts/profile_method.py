@@ -18,8 +18,6 @@ from calib.bench import synthetic_features
 from calib.experiment import prepare_features
 from calib.methods import make_options, run_methods
 
-log = logging.getLogger("profile_method")
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -23,11 +23,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from calib.bench import gemm_peak
+from calib.pretraining import DEFAULT_SOURCES
 from calib.toyclip import TOY_PRESETS, make_corpus, train_toy_clip
 
-# toy CLIPs a cold ./run_all.sh pretrains: the toy CLIP, then notebook 08's three default toy sources other than
-# the reference (noisy captions, strong habitat bias, their mixture), each with the toy CLIP's 800-step budget
-COLD_RUN_CLIPS = 4
+# toy CLIPs a cold ./run_all.sh pretrains, each with the toy CLIP's budget: the toy CLIP, then notebook 08's default
+# sources other than the reference (which is the toy CLIP itself)
+COLD_RUN_CLIPS = 1 + sum(name != "reference" for name in DEFAULT_SOURCES)
 
 
 def main() -> None:

@@ -77,6 +77,13 @@ class BackgroundRun:
 
 
 @pytest.fixture(scope="session")
+def start_run_all() -> type[BackgroundRun]:
+    """``start_run_all(args, home)`` starts ``./run_all.sh args`` in the background (pytest advises against
+    importing ``conftest`` from a test module, so the class is handed out as a fixture)."""
+    return BackgroundRun
+
+
+@pytest.fixture(scope="session")
 def paper_profile_run(tmp_path_factory) -> BackgroundRun:
     """``./run_all.sh --profile paper --quick`` on MetaShift and CheXpert fixtures (release layouts) with the toy
     architecture at random weights, started in the background.  ``tests/test_notebooks.py``'s quick run requests it

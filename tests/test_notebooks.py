@@ -28,14 +28,12 @@ QUICK_SEEDS, QUICK_EPOCHS = {0, 1}, 3  # what ./run_all.sh --quick passes the no
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory, paper_profile_run):
+def quick_run(tmp_path_factory, paper_profile_run, start_run_all):
     """``./run_all.sh --quick`` once, with the current interpreter, into a fresh CALIB_HOME: every stage, both
     notebook lanes, every notebook under papermill (in its own working directory).  The tests below read it.
     ``paper_profile_run`` is requested first only to start it: the two long runs overlap on the CPU."""
-    from tests.conftest import BackgroundRun
-
     home = tmp_path_factory.mktemp("quick_home")
-    returncode, stdout, stderr = BackgroundRun(["--quick"], home).wait()
+    returncode, stdout, stderr = start_run_all(["--quick"], home).wait()
     assert returncode == 0, stdout[-3000:] + stderr[-3000:]
     return home, stdout
 
