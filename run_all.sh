@@ -74,7 +74,7 @@ if [ "$profile" = paper ]; then
   [ "$dry" = 1 ] && exit 0
   export CALIB_DATA_DIR="$data_dir_arg"
   executed="$CALIB_HOME/notebooks/executed"; mkdir -p "$executed"
-  mapfile -t runs < <("$PY" -c 'import sys; from pathlib import Path; from calib.plan import PAPER_BACKBONES, paper_plan, parse_backbones
+  mapfile -t runs < <("$PY" -c 'import sys; from pathlib import Path; from calib.experiments.plan import PAPER_BACKBONES, paper_plan, parse_backbones
 bb = parse_backbones(sys.argv[2]) if sys.argv[2] else PAPER_BACKBONES
 for r in paper_plan(Path(sys.argv[1]), bb).rows: print(r.dataset, r.model, r.pretrained)' "$data_dir_arg" "$backbones_arg")
   [ ${#runs[@]} -gt 0 ] || { echo "[calib] no paper dataset found under $data_dir_arg" >&2; exit 1; }
@@ -125,7 +125,7 @@ else
   dataset=toy; pretrained=toy
   nb_params=()
 fi
-data_dir="$("$PY" -c 'from calib.experiment import default_root; import sys; print(default_root(sys.argv[1]))' "$dataset")"
+data_dir="$("$PY" -c 'from calib.data import default_root; import sys; print(default_root(sys.argv[1]))' "$dataset")"
 
 t=$SECONDS
 if [ "$quick" = 1 ]; then "$PY" -m calib data make-toy --root "$data_dir" --scale 0.04
@@ -136,7 +136,7 @@ t=$SECONDS; "$PY" -m calib extract --dataset "$dataset" --model calib-toy-vit --
 stage "feature extraction" $((SECONDS - t))
 
 executed="$CALIB_HOME/notebooks/executed"; mkdir -p "$executed"
-stamps="$executed/.stamps"  # a notebook whose inputs are unchanged since its last run is skipped (calib/stamps.py)
+stamps="$executed/.stamps"  # a notebook whose inputs are unchanged since its last run is skipped (calib/experiments/stamps.py)
 # Notebooks run in two lanes (one CPU thread each).  Method training on the toy is bound by per-op overhead and
 # memory passes, not by arithmetic, so two single-threaded processes nearly double throughput.
 lane_log="$(mktemp -d)"
@@ -146,7 +146,7 @@ run_lane() {  # run_lane NAME NOTEBOOK... ; writes "<seconds> <notebook>" lines 
     local name t0
     name="$(basename "$nb")"
     [ -n "$only" ] && [[ "$name" != "$only"* ]] && continue
-    if [ "$force" = 0 ] && "$PY" -m calib.stamps check "$stamps" "$nb" "$executed/$name" "${nb_params[*]}"; then
+    if [ "$force" = 0 ] && "$PY" -m calib.experiments.stamps check "$stamps" "$nb" "$executed/$name" "${nb_params[*]}"; then
       echo "0 $name (up to date: inputs unchanged since its last run; --force re-runs it)" >> "$lane_log/$lane"
       continue
     fi
@@ -155,7 +155,7 @@ run_lane() {  # run_lane NAME NOTEBOOK... ; writes "<seconds> <notebook>" lines 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$PY" -m papermill --log-level WARNING -k python3 --cwd "$executed" "$nb" \
       "$executed/$name" "${nb_params[@]}" > "$lane_log/$lane.out" 2>&1 \
       || { echo "[calib] notebook $name failed; see $executed/$name and $lane_log/$lane.out" >&2; return 1; }
-    "$PY" -m calib.stamps write "$stamps" "$nb" "$executed/$name" "${nb_params[*]}"
+    "$PY" -m calib.experiments.stamps write "$stamps" "$nb" "$executed/$name" "${nb_params[*]}"
     echo "$((SECONDS - t0)) $name" >> "$lane_log/$lane"
   done
 }
@@ -166,7 +166,7 @@ t_nb=$SECONDS
 # the order is free.
 heavy=(notebooks/03_*.ipynb notebooks/06_*.ipynb)
 others=(notebooks/08_*.ipynb)
-if [ "$quick" = 0 ] && [ -n "$("$PY" -c 'from calib.pretraining import missing_sources; print(*missing_sources())')" ]; then
+if [ "$quick" = 0 ] && [ -n "$("$PY" -c 'from calib.studies.pretraining import missing_sources; print(*missing_sources())')" ]; then
   heavy+=(notebooks/04_*.ipynb)
 else
   others+=(notebooks/04_*.ipynb)
@@ -187,9 +187,9 @@ if [ "$quick" = 0 ] && [ -z "$only" ]; then
   # the README's tables are a function of the result rows and calib's code: refreshed only when either changed
   rows_hash="$(cat "$CALIB_HOME"/results/*.jsonl 2>/dev/null | sha256sum | cut -c1-20)"
   t=$SECONDS
-  if [ "$force" = 1 ] || ! "$PY" -m calib.stamps check "$stamps" "$ROOT/README.md" "$ROOT/README.md" "$rows_hash"; then
+  if [ "$force" = 1 ] || ! "$PY" -m calib.experiments.stamps check "$stamps" "$ROOT/README.md" "$ROOT/README.md" "$rows_hash"; then
     "$PY" -m calib report readme --dataset toy
-    "$PY" -m calib.stamps write "$stamps" "$ROOT/README.md" "$ROOT/README.md" "$rows_hash"
+    "$PY" -m calib.experiments.stamps write "$stamps" "$ROOT/README.md" "$ROOT/README.md" "$rows_hash"
     stage "README tables" $((SECONDS - t))
   else
     stage "README tables (up to date: rows and code unchanged)" $((SECONDS - t))

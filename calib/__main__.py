@@ -1,7 +1,7 @@
-"""``python -m calib``: see :mod:`calib.cli`."""
+"""``python -m calib``: see :mod:`calib.experiments.cli`."""
 
 import sys
 
-from calib.cli import main
+from calib.experiments.cli import main
 
 sys.exit(main())

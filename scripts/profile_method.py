@@ -14,8 +14,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from calib.bench import synthetic_features
-from calib.experiment import prepare_features
+from calib.clip.features import prepare_features
+from calib.experiments.bench import synthetic_features
 from calib.methods import make_options, run_methods
 
 

@@ -5,7 +5,7 @@ Usage (docs/speed.md quotes its output):
     OMP_NUM_THREADS=1 .venv/bin/python scripts/toy_clip_cost.py --threads 1
     OMP_NUM_THREADS=2 .venv/bin/python scripts/toy_clip_cost.py --threads 2
 
-It runs the shipped ``calib.toyclip.train_toy_clip`` (the default preset's model, batch and optimiser) twice on one
+It runs the shipped ``calib.clip.toyclip.train_toy_clip`` (the default preset's model, batch and optimiser) twice on one
 corpus, for ``--short`` and ``--long`` steps, and charges a step the difference divided by the extra steps, so model
 creation, tokenisation and saving cancel.  FLOPs are counted the same way by ``torch.utils.flop_counter`` in separate
 runs (counting slows the step).  The text tower encodes each distinct caption of a batch once, so a step's FLOPs vary
@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from calib.bench import gemm_peak
-from calib.pretraining import DEFAULT_SOURCES
-from calib.toyclip import TOY_PRESETS, make_corpus, train_toy_clip
+from calib.clip.toyclip import TOY_PRESETS, make_corpus, train_toy_clip
+from calib.experiments.bench import gemm_peak
+from calib.studies.pretraining import DEFAULT_SOURCES
 
 # toy CLIPs a cold ./run_all.sh pretrains, each with the toy CLIP's budget: the toy CLIP, then notebook 08's default
 # sources other than the reference (which is the toy CLIP itself)

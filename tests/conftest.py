@@ -31,7 +31,7 @@ def calib_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def toy_quick():
     """The 4% toy benchmark, loaded (made once per session)."""
-    from calib.experiment import prepare_dataset
+    from calib.data import prepare_dataset
 
     return prepare_dataset("toy-quick")
 
@@ -39,7 +39,7 @@ def toy_quick():
 @pytest.fixture(scope="session")
 def toy_features(toy_quick):
     """Cached features of the quick toy benchmark under the quick toy CLIP."""
-    from calib.experiment import prepare_features
+    from calib.clip.features import prepare_features
 
     return prepare_features("toy-quick", "calib-toy-vit", "toy-quick", device="cpu", num_workers=0)
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calib.attribution import (
+from calib.studies.attribution_maps import (
     METHODS,
     M2IBOptions,
     Tower,
@@ -31,7 +31,7 @@ from calib.attribution import (
 @pytest.fixture(scope="module")
 def vit():
     """The toy CLIP architecture with random weights (3 blocks, 4 x 4 patches of 16 px, CLS pooling)."""
-    from calib.models import load_clip
+    from calib.clip.models import load_clip
 
     return load_clip("calib-toy-vit", "random:0", device="cpu")
 
@@ -247,7 +247,7 @@ def test_method_projection_reads_a_trained_head(toy_features):
 def test_resnet_tower_maps():
     """A ModifiedResNet (RN50, random weights, 64 px): M2IB and Grad-CAM on a stage's spatial output; attention
     maps say they need a ViT."""
-    from calib.models import UnsupportedModelError, load_clip
+    from calib.clip.models import UnsupportedModelError, load_clip
 
     rn = load_clip("RN50", "random:0", device="cpu", force_image_size=64)
     tower = image_tower(rn.model)

@@ -9,12 +9,19 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import pytest
 
-from calib.cli import main
+from calib.clip.features import (
+    FeatureSet,
+    NonFiniteFeaturesError,
+    SplitFeatures,
+    cache_key,
+    cache_path,
+    get_split_features,
+)
+from calib.clip.models import CheckpointError, load_clip
+from calib.core.files import OutputNotWritableError
 from calib.data import ToyConfig, load_waterbirds, make_toy_waterbirds
-from calib.features import FeatureSet, NonFiniteFeaturesError, SplitFeatures, cache_key, cache_path, get_split_features
+from calib.experiments.cli import main
 from calib.methods import make_options, run_method
-from calib.models import CheckpointError, load_clip
-from calib.utils import OutputNotWritableError
 
 
 def _npz(path, nan_row=None):
@@ -113,13 +120,13 @@ def test_damaged_feature_cache_is_reported_and_rebuilt(tmp_path, tiny, damage, c
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     else:
         path.write_bytes(b"not an npz")
-    with caplog.at_level(logging.WARNING, logger="calib.features"):
+    with caplog.at_level(logging.WARNING, logger="calib.clip.features"):
         again = get_split_features(model, ds, "val", cache_dir=cache, num_workers=0)
     assert "rebuilding it" in caplog.text
     np.testing.assert_array_equal(again.y, first.y)
     np.testing.assert_allclose(again.z, first.z, rtol=1e-6)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="calib.features"):
+    with caplog.at_level(logging.WARNING, logger="calib.clip.features"):
         get_split_features(model, ds, "val", cache_dir=cache, num_workers=0)  # the rebuilt file is good
     assert "rebuilding" not in caplog.text
 
@@ -152,7 +159,7 @@ def test_extraction_error_from_a_worker_is_one_line(tmp_path, tiny):
 
 
 def _run_zeroshot_and_umfc(results_dir):
-    from calib.experiment import RunSpec, run_experiment
+    from calib.experiments.runner import RunSpec, run_experiment
     from tests.test_methods import _synthetic
 
     run_experiment(RunSpec("race", ["zeroshot", "umfc"], [0, 1, 2]), _synthetic(), results_dir=results_dir)
@@ -162,7 +169,7 @@ def _run_zeroshot_and_umfc(results_dir):
 def test_two_writers_on_one_results_file_neither_corrupt_nor_duplicate(tmp_path):
     import multiprocessing
 
-    from calib.results import read_rows, row_identity
+    from calib.evaluation.results import read_rows, row_identity
 
     # spawn, not fork: a forked child can inherit a held OpenMP / logging lock from this process and hang
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -175,8 +182,8 @@ def test_two_writers_on_one_results_file_neither_corrupt_nor_duplicate(tmp_path)
 def test_read_only_or_full_output_gives_one_message(tmp_path, monkeypatch, capsys):
     import os
 
-    from calib.results import append_rows
-    from calib.utils import atomic_write_bytes
+    from calib.core.files import atomic_write_bytes
+    from calib.evaluation.results import append_rows
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from calib.bench import synthetic_features
+from calib.experiments.bench import synthetic_features
 from calib.methods import run_method
 from calib.methods.cfr import CFROptions, calibration_set, loss_weight, reference_erm
 from calib.methods.heads import normalize
@@ -207,7 +207,7 @@ def test_supcon_pulls_same_class_together():
 
 def test_geometry_trains_once_then_reads_its_cache(synth, tmp_path, monkeypatch):
     from calib import methods
-    from calib.geometry import cfr_geometry
+    from calib.studies.geometry import cfr_geometry
 
     opts = {**FAST, "reference": "zeroshot"}
     first = cfr_geometry(synth, 0, opts, cache_dir=tmp_path)

@@ -26,7 +26,7 @@ def test_bootstrap_installs_calib_and_pins_torch(nb, monkeypatch):
     assert len(calls) == 1
     cmd = calls[0]
     assert cmd[:4] == [sys.executable, "-m", "pip", "install"]
-    from calib.colab import repository
+    from calib.experiments.colab import repository
 
     assert f"calib @ git+https://github.com/{repository()}" in cmd
     assert not any(arg.split("==")[0] in ("torch", "torchvision") for arg in cmd)  # never asks for torch itself
@@ -58,7 +58,7 @@ def fake_colab(monkeypatch):
 
 
 def test_colab_drive_and_gpu_warning(fake_colab, monkeypatch, capfd):
-    import calib.notebook as nbm
+    import calib.experiments.notebook as nbm
 
     monkeypatch.delenv("CALIB_HOME", raising=False)
     device = nbm.setup(colab_drive=True)
@@ -66,7 +66,7 @@ def test_colab_drive_and_gpu_warning(fake_colab, monkeypatch, capfd):
     import os
 
     assert os.environ["CALIB_HOME"] == "/content/drive/MyDrive/calib"
-    from calib import paths
+    from calib.core import paths
 
     assert paths.cache_dir() == Path("/content/drive/MyDrive/calib/.cache")
     captured = capfd.readouterr()
@@ -74,7 +74,7 @@ def test_colab_drive_and_gpu_warning(fake_colab, monkeypatch, capfd):
 
 
 def test_outside_colab_drive_is_ignored(monkeypatch):
-    import calib.notebook as nbm
+    import calib.experiments.notebook as nbm
 
     before = dict(**__import__("os").environ)
     assert nbm.setup(colab_drive=True) == "cpu"
@@ -82,7 +82,7 @@ def test_outside_colab_drive_is_ignored(monkeypatch):
 
 
 def test_badges_and_bootstrap_cells_agree_with_the_one_setting():
-    from calib.colab import BADGE_URL, bootstrap_source, repository
+    from calib.experiments.colab import BADGE_URL, bootstrap_source, repository
 
     repo = repository()
     assert repo == "calib-org/calib" or "/" in repo
@@ -98,8 +98,8 @@ def test_report_notebooks_follows_pyproject(tmp_path):
     """A fork edits [project.urls] Repository and reruns the report step: every badge and cell follows."""
     import shutil
 
-    from calib.cli import main
-    from calib.colab import repository, sync_notebooks
+    from calib.experiments.cli import main
+    from calib.experiments.colab import repository, sync_notebooks
 
     shutil.copytree(REPO / "notebooks", tmp_path / "notebooks", ignore=shutil.ignore_patterns("executed"))
     shutil.copy(REPO / "README.md", tmp_path / "README.md")
@@ -125,8 +125,8 @@ def test_notebook_logging_progress_and_expected_warnings(capsys, caplog):
     import io
     import logging
 
-    import calib.notebook as nbm
-    from calib import utils
+    import calib.experiments.notebook as nbm
+    from calib.core import logs
 
     try:
         nbm.setup()
@@ -135,14 +135,14 @@ def test_notebook_logging_progress_and_expected_warnings(capsys, caplog):
         out = capsys.readouterr()
         assert "plain line\n" in out.out and "WARNING: look\n" in out.out and out.err == ""
         buf = io.StringIO()
-        for _ in utils.progress(range(50), file=buf, desc="work"):
+        for _ in logs.progress(range(50), file=buf, desc="work"):
             pass
         assert buf.getvalue().rstrip().split("\r")[-1].startswith("work: 100%")
         with caplog.at_level(logging.WARNING):
-            from calib.models import load_clip
+            from calib.clip.models import load_clip
 
             load_clip("calib-toy-vit", "random:0", device="cpu")
         assert "initialized randomly" not in caplog.text
     finally:
-        utils.setup_logging()
-        utils.use_plain_progress(False)
+        logs.setup_logging()
+        logs.use_plain_progress(False)

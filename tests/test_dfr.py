@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.preprocessing import StandardScaler
 
-from calib.features import FeatureSet, SplitFeatures
+from calib.clip.features import FeatureSet, SplitFeatures
 from calib.methods import run_method
 from calib.methods.dfr import balanced_subsample, l1_logistic, tune_c
 

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from calib import paths
+from calib.core import paths
 
 
 def _extract(env, nproc):

@@ -8,7 +8,7 @@ import tarfile
 import pytest
 
 from calib.data import DatasetLayoutError, load_waterbirds
-from calib.download import DownloadError, download
+from calib.data.download import DownloadError, download
 from tests.fixtures import ROWS, write_waterbirds_fixture
 
 

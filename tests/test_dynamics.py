@@ -1,9 +1,9 @@
-"""calib.dynamics: variants, the long-form history and issue 8's per-epoch table, from hand-made rows."""
+"""calib.studies.dynamics: variants, the long-form history and issue 8's per-epoch table, from hand-made rows."""
 
 import pandas as pd
 import pytest
 
-from calib.dynamics import CFR_DYNAMICS, dynamics_variants, epoch_table, history_frame
+from calib.studies.dynamics import CFR_DYNAMICS, dynamics_variants, epoch_table, history_frame
 
 
 def _rows():

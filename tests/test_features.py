@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from calib import features as feat_mod
+from calib.clip import features as feat_mod
+from calib.clip.features import cache_key, cache_path, get_split_features
+from calib.clip.models import encode_pre_projection, load_clip
 from calib.data import DatasetLayoutError, load_waterbirds
-from calib.features import cache_key, cache_path, get_split_features
-from calib.models import encode_pre_projection, load_clip
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from calib.bench import synthetic_features
+from calib.experiments.bench import synthetic_features
 from calib.methods import get_method_class, make_options, run_method, run_methods
 from calib.methods.lanes import lane_cross_entropy, lane_dropout
 from calib.methods.projection import ProjectionHead

@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from calib.features import FeatureSet, SplitFeatures
+from calib.clip.features import FeatureSet, SplitFeatures
 from calib.methods import REGISTRY, create, describe_methods, run_method
 from calib.methods.heads import normalize, zero_shot_logits
 from calib.methods.projection import ProjectionHead, initial_logit_scale

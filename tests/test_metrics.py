@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from calib.metrics import (
+from calib.core.metrics import (
     evaluate,
     format_mean_std,
     group_accuracy,

@@ -7,7 +7,7 @@ import open_clip
 import pytest
 import torch
 
-from calib.models import (
+from calib.clip.models import (
     WeightsUnavailableError,
     encode_pre_projection,
     load_clip,

@@ -83,7 +83,7 @@ def test_notebook_is_clean_and_parameterised(nb):
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
 def test_colab_badge_points_at_this_notebook(nb):
-    from calib.colab import repository
+    from calib.experiments.colab import repository
 
     github_repo = repository()
 

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
+from calib.clip.npz import EmbeddingsFileError, export_npz, load_npz
 from calib.methods import REGISTRY, get_method_class, run_method
-from calib.npz import EmbeddingsFileError, export_npz, load_npz
 
 EMBEDDING_ONLY = ["linear_probe", "dfr", "jtt", "afr", "groupdro"]
 

@@ -6,7 +6,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from calib.plots import group_accuracy_bars, save_figure  # noqa: E402
+from calib.evaluation.plots import group_accuracy_bars, save_figure  # noqa: E402
 
 
 def test_figures_are_reproducible(tmp_path):

@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from calib.pretraining import (
+from calib.clip.toyclip import PLACE_WORDS, ToyClipConfig, make_corpus
+from calib.studies.pretraining import (
     MIXTURES,
     SOURCES,
     effective_robustness,
@@ -21,7 +22,6 @@ from calib.pretraining import (
     study_frame,
     table_markdown,
 )
-from calib.toyclip import PLACE_WORDS, ToyClipConfig, make_corpus
 
 
 def _logit(p):
@@ -116,7 +116,7 @@ def test_study_rows_are_reused(toy_quick):
 def test_notebook_default_sources_and_missing(tmp_path, monkeypatch):
     import nbformat
 
-    from calib.pretraining import DEFAULT_SOURCES, missing_sources
+    from calib.studies.pretraining import DEFAULT_SOURCES, missing_sources
     from tests.test_notebooks import REPO
 
     nb = nbformat.read(REPO / "notebooks" / "08_pretraining_sources.ipynb", as_version=4)

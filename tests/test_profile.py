@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from calib.plan import PAPER_BACKBONES, full_size_plan, paper_plan, parse_backbones
-from calib.throughput import measure, peak_bf16
+from calib.clip.throughput import measure, peak_bf16
+from calib.experiments.plan import PAPER_BACKBONES, full_size_plan, paper_plan, parse_backbones
 from tests.fixtures import FIGURE_STEMS, ROWS, write_waterbirds_fixture
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,8 +86,8 @@ def test_plan_command_json(tmp_path):
 
 
 def test_throughput_accounting(monkeypatch):
-    import calib.throughput as tp
-    from calib.models import load_clip
+    import calib.clip.throughput as tp
+    from calib.clip.models import load_clip
 
     grad_modes = []
     real_encode = tp.encode_pre_projection
@@ -111,7 +111,7 @@ def test_throughput_accounting(monkeypatch):
 
 def test_bf16_features_match_fp32_on_cpu():
     """Mixed precision (bf16 autocast, as used on GPUs) changes features only within a stated tolerance."""
-    from calib.models import encode_pre_projection, load_clip
+    from calib.clip.models import encode_pre_projection, load_clip
 
     torch.manual_seed(0)
     loaded = load_clip("ViT-B-32", "random", device="cpu")
@@ -153,7 +153,7 @@ def test_paper_profile_end_to_end_on_fixtures(paper_profile_run):
     ``paper_profile_run``)."""
     import nbformat
 
-    from calib.results import load_results
+    from calib.evaluation.results import load_results
 
     returncode, stdout, stderr = paper_profile_run.wait()
     home = paper_profile_run.home

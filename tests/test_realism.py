@@ -3,8 +3,15 @@
 import numpy as np
 import pytest
 
-from calib.realism import TARGETS, balanced_subsample, effective_rank, realism_report, realism_table, within_target
-from calib.testbed import TestbedConfig, make_testbed
+from calib.studies.realism import (
+    TARGETS,
+    balanced_subsample,
+    effective_rank,
+    realism_report,
+    realism_table,
+    within_target,
+)
+from calib.studies.testbed import TestbedConfig, make_testbed
 
 
 def test_effective_rank_by_hand():

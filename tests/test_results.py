@@ -3,8 +3,17 @@
 import pandas as pd
 import pytest
 
-from calib.report import main_table, render_table, results_table
-from calib.results import append_rows, load_results, make_row, read_rows, select_rows, summarize, to_latex, to_markdown
+from calib.evaluation.results import (
+    append_rows,
+    load_results,
+    make_row,
+    read_rows,
+    select_rows,
+    summarize,
+    to_latex,
+    to_markdown,
+)
+from calib.evaluation.tables import main_table, render_table, results_table
 
 
 def _row(method, seed, wga, acc=0.9, experiment="exp", dataset="toy", model="m", pretrained="p"):

@@ -5,14 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from calib import stamps
+from calib.experiments import stamps
 
 
 def test_a_stamp_matches_until_an_input_or_an_output_changes(tmp_path, monkeypatch):
     monkeypatch.setenv("CALIB_HOME", str(tmp_path / "home"))
     for var in ("CALIB_FIGURES_DIR", "CALIB_RESULTS_DIR"):
         monkeypatch.delenv(var, raising=False)
-    from calib import paths
+    from calib.core import paths
 
     nb, executed, sdir = tmp_path / "01_x.ipynb", tmp_path / "out.ipynb", tmp_path / "stamps"
     nb.write_text("{}")
@@ -39,7 +39,7 @@ def test_a_stamp_matches_until_an_input_or_an_output_changes(tmp_path, monkeypat
 def test_the_command_line_answers_by_exit_status(tmp_path):
     nb = tmp_path / "nb.ipynb"
     nb.write_text("{}")
-    run = [sys.executable, "-m", "calib.stamps"]
+    run = [sys.executable, "-m", "calib.experiments.stamps"]
     env_args = {"capture_output": True, "text": True}
     assert subprocess.run([*run, "check", str(tmp_path), str(nb), str(nb), "p"], **env_args).returncode == 1
     assert subprocess.run([*run, "write", str(tmp_path), str(nb), str(nb), "p"], **env_args).returncode == 0

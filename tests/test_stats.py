@@ -1,10 +1,10 @@
-"""Bootstrap intervals and paired comparisons (calib.stats) against hand-computed cases."""
+"""Bootstrap intervals and paired comparisons (calib.evaluation.stats) against hand-computed cases."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from calib.stats import interval, pack_correct, paired_difference, replicates, unpack_correct
+from calib.evaluation.stats import interval, pack_correct, paired_difference, replicates, unpack_correct
 
 
 def test_pack_orders_by_group_and_round_trips():
@@ -66,13 +66,13 @@ def test_paired_difference_is_exact_when_methods_differ_by_fixed_samples():
 
 
 def test_rows_without_bits_give_no_interval():
-    from calib.stats import method_intervals
+    from calib.evaluation.stats import method_intervals
 
     assert method_intervals(pd.DataFrame({"seed": [0], "test.wga": [0.5]})) == {"wga": "—", "avg_acc": "—"}
 
 
 def _result_rows():
-    from calib.results import flatten_row, make_row
+    from calib.evaluation.results import flatten_row, make_row
 
     rng = np.random.default_rng(4)
     rows = []
@@ -110,7 +110,7 @@ def _result_rows():
 
 
 def test_tables_carry_intervals_and_the_paired_comparison():
-    from calib.report import main_table, paired_table, render_paired, render_table, results_table
+    from calib.evaluation.tables import main_table, paired_table, render_paired, render_table, results_table
 
     df = _result_rows()
     text = render_table(results_table(df))
@@ -131,7 +131,7 @@ def test_tables_carry_intervals_and_the_paired_comparison():
 
 
 def test_readme_versions_line():
-    from calib.report import render_versions
+    from calib.experiments.readme import render_versions
 
     rows = [{"provenance": {"versions": {"torch": "2.14.1", "numpy": "2.4.6"}, "git_rev": "abcdef1234567890"}}] * 2
     assert render_versions(rows).splitlines()[-1] == "- numpy 2.4.6, torch 2.14.1 (code at abcdef123456)"

@@ -5,7 +5,7 @@ import pytest
 
 from calib.methods import run_method
 from calib.methods.diagnostics import direction_weights
-from calib.testbed import TestbedConfig, group_accuracy_on_paper, make_testbed
+from calib.studies.testbed import TestbedConfig, group_accuracy_on_paper, make_testbed
 
 CFG = TestbedConfig(scale=0.5)
 # a few epochs from the pretrained projection, zero-shot reference: each component alone

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from calib.models import load_clip
-from calib.toyclip import TOY_PRESETS, ToyClipConfig, caption, make_corpus, train_toy_clip
+from calib.clip.models import load_clip
+from calib.clip.toyclip import TOY_PRESETS, ToyClipConfig, caption, make_corpus, train_toy_clip
 
 
 def test_corpus_has_the_cooccurrence_bias():

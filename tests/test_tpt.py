@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from calib.clip.features import build_feature_set
+from calib.clip.models import load_clip
 from calib.data import ToyConfig, load_waterbirds, make_toy_waterbirds
-from calib.features import build_feature_set
 from calib.methods import run_method
 from calib.methods.base import RunContext
 from calib.methods.tpt import encode_text_from_embeddings
-from calib.models import load_clip
 
 
 @pytest.fixture(scope="module")

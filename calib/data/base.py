@@ -76,7 +76,7 @@ class GroupDataset:
         """Decode every image of every split (as feature extraction will); ``(path, reason)`` for each failure."""
         from PIL import Image
 
-        from calib.utils import progress as tqdm
+        from calib.core.logs import progress as tqdm
 
         files = [p for t in self.splits.values() for p in t.paths]
         bad = []

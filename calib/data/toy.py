@@ -10,7 +10,7 @@ use the background: the spurious feature of the real dataset.
 :func:`make_toy_waterbirds` writes the images in *exactly* the Waterbirds layout (see
 :mod:`calib.data.waterbirds`) with Waterbirds' split proportions and 95% train correlation, so
 the real loader reads it.  The same renderer draws the separate image-caption corpus the toy CLIP
-is trained on (:mod:`calib.toyclip`).
+is trained on (:mod:`calib.clip.toyclip`).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from calib.core.files import atomic_dir
+from calib.core.logs import progress as tqdm
 from calib.data.base import DatasetLayoutError
-from calib.utils import atomic_dir
-from calib.utils import progress as tqdm
 
 log = logging.getLogger(__name__)
 

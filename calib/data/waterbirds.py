@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from calib.core.hashing import file_hash
 from calib.data.base import SPLITS, DatasetLayoutError, GroupDataset, SplitTable, find_layout_root
-from calib.utils import file_hash
 
 INNER_FOLDERS = ("waterbird_complete95_forest2water2", "waterbirds_v1.0")  # what the two archives extract to
 COLUMNS = ("img_id", "img_filename", "y", "split", "place", "place_filename")

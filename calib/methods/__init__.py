@@ -1,4 +1,5 @@
-"""Methods behind one interface (:class:`~calib.methods.base.Method`) and one registry.
+"""Stage 3, methods: every method behind one interface (:class:`~calib.methods.base.Method`) and one registry,
+trained on cached features (stages 0-2), seeds and settings as lanes of one pass.
 
 Importing this package registers every method.  ``python -m calib list methods`` prints them.
 """

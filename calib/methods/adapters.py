@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from torch import nn
 
-from calib.features import FeatureSet, SplitFeatures
+from calib.clip.features import FeatureSet, SplitFeatures
 from calib.methods.base import Method, register
 from calib.methods.heads import normalize, zero_shot_logits
 from calib.methods.lanes import LaneModule

@@ -27,9 +27,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from calib.features import FeatureSet, SplitFeatures
-from calib.metrics import evaluate
-from calib.utils import seed_everything
+from calib.clip.features import FeatureSet, SplitFeatures
+from calib.core.metrics import evaluate
+from calib.core.runtime import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class RunContext:
     the dataset (its image files) and the loaded CLIP model."""
 
     dataset: Any  # calib.data.GroupDataset
-    clip: Any  # calib.models.LoadedClip
+    clip: Any  # calib.clip.models.LoadedClip
 
     def paths_of(self, ids: np.ndarray) -> list:
         """The image files of the samples with these ids (the test split's table first)."""
@@ -252,7 +252,7 @@ class MethodRun:
 
 def check_inputs(name: str, uses: tuple[str, ...], data: FeatureSet) -> None:
     """Raise a clear error when ``data`` lacks something method ``name`` uses, or holds NaN / infinity."""
-    from calib.features import check_finite
+    from calib.clip.features import check_finite
 
     check_finite(
         data.splits,
@@ -317,7 +317,7 @@ def run_methods(
                 )
             method.context = context
             if getattr(method.options, "max_images", 0):
-                from calib.features import subsample
+                from calib.clip.features import subsample
 
                 run_data = subsample(data, "test", method.options.max_images, SUBSAMPLE_SEED)
         check_inputs(name, method.uses, run_data)

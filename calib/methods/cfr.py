@@ -45,7 +45,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from calib.features import FeatureSet, SplitFeatures
+from calib.clip.features import FeatureSet, SplitFeatures
+from calib.core.metrics import group_accuracy
 from calib.methods.base import register
 from calib.methods.diagnostics import direction_weights
 from calib.methods.lanes import lane_cross_entropy, lane_dropout, unit
@@ -60,7 +61,6 @@ from calib.methods.projection import (
     fit_methods,
     resolve_device,
 )
-from calib.metrics import group_accuracy
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.preprocessing import StandardScaler
 
-from calib.features import FeatureSet, SplitFeatures
+from calib.clip.features import FeatureSet, SplitFeatures
+from calib.core.metrics import worst_group_accuracy
 from calib.methods.base import Method, register
-from calib.metrics import worst_group_accuracy
 
 C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
 

@@ -3,7 +3,7 @@
 For a binary zero-shot head the decision is ``sign((h @ W + b) . (t_1 - t_0))``, so the effective
 linear classifier in h-space is ``v = W (t_1 - t_0)`` (``[d_h]``; normalising ``z`` rescales it
 per sample but never flips it).  A unit step along a direction ``u`` moves the logit difference
-by ``u . v``: that is the direction's *logit weight*.  On the testbed (``calib.testbed``),
+by ``u . v``: that is the direction's *logit weight*.  On the testbed (``calib.studies.testbed``),
 where ``h`` carries a core and a spurious direction, a good recalibration drives the spurious
 weight to zero and keeps the core weight positive; ``spurious_ratio = w_spurious / w_core``.
 """

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from calib.features import FeatureSet, SplitFeatures
+from calib.clip.features import FeatureSet, SplitFeatures
+from calib.core.metrics import group_accuracy, worst_class_accuracy, worst_group_accuracy
 from calib.methods.base import Method, register
 from calib.methods.lanes import LaneModule, lane_cross_entropy, lane_dropout, lane_generators, unit
-from calib.metrics import group_accuracy, worst_class_accuracy, worst_group_accuracy
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
-from calib.features import FeatureSet, SplitFeatures
+from calib.clip.features import FeatureSet, SplitFeatures
 from calib.methods.base import register
 from calib.methods.heads import LogisticHead, normalize
 from calib.methods.lanes import LaneModule

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calib.features import SplitFeatures
+from calib.clip.features import SplitFeatures
 from calib.methods.base import Method, register
 from calib.methods.projection import resolve_device
 
@@ -186,7 +186,7 @@ class TPT(Method):
 
     def logits(self, split: SplitFeatures) -> np.ndarray:
         """Class scores ``[n, C]`` of the split's images (found in the bound dataset by their ids)."""
-        from calib.utils import progress
+        from calib.core.logs import progress
 
         paths = self.context.paths_of(split.ids)
         out = [

@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from calib.features import ImageFiles
-from calib.models import LoadedClip, encode_pre_projection
+from calib.clip.features import ImageFiles
+from calib.clip.models import LoadedClip, encode_pre_projection
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def measure(
     seconds: float = 10.0,
 ) -> Throughput:
     """Both throughputs of ``loaded`` on its device, and the FLOP accounting."""
-    from calib.features import default_num_workers
+    from calib.clip.features import default_num_workers
 
     dev = loaded.device
     amp = dev.startswith("cuda") if amp is None else amp

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from calib.utils import default_device, setup_logging, use_plain_progress
+from calib.core.logs import setup_logging, use_plain_progress
+from calib.core.runtime import default_device
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def setup(colab_drive: bool = False, level: int = logging.INFO) -> str:
     """
     import os
 
-    from calib.plots import use_style
+    from calib.evaluation.plots import use_style
 
     setup_logging(level, notebook=True)
     use_plain_progress()

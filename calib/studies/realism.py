@@ -15,11 +15,11 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from calib.features import FeatureSet
+from calib.clip.features import FeatureSet
+from calib.core.metrics import group_accuracy
 from calib.methods import run_method
 from calib.methods.cfr import CFROptions, reference_erm
 from calib.methods.heads import normalize
-from calib.metrics import group_accuracy
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ import time
 import numpy as np
 import pandas as pd
 
+from calib.clip.features import FeatureSet, SplitFeatures
+from calib.core.runtime import seed_everything
 from calib.data.toy import WATERBIRDS_GROUP_SIZES
-from calib.features import FeatureSet, SplitFeatures
 from calib.methods import REGISTRY, run_method
 from calib.methods.heads import normalize
-from calib.utils import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -168,9 +168,9 @@ def time_tpt(
 ) -> dict:
     """Seconds per test image of TPT (``views`` views, one AdamW step) with ``model`` under ``pretrained``
     (``random:N`` allowed) on ``dataset``'s first test images, after one warm-up image."""
-    from calib.experiment import prepare_dataset
+    from calib.clip.models import load_clip
+    from calib.data import prepare_dataset
     from calib.methods.base import RunContext, create
-    from calib.models import load_clip
 
     ds = prepare_dataset(dataset, None)
     clip = load_clip(model, pretrained, device=device)

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from calib.ablations import ablation_variants
+from calib.evaluation.results import to_markdown
+from calib.studies.ablations import ablation_variants
 
 # label -> CFR option overrides: the default, each regulariser, each anchor term alone, the logit-scale
 # fix undone, and the other rows of issue 8's table.  Everything not named is at the default.
@@ -104,3 +105,15 @@ def epoch_table(rows: pd.DataFrame, epochs: tuple[int, ...] = (0, 10, 20, 30, 50
             }
         )
     return pd.DataFrame(out)
+
+
+def render_dynamics(df: pd.DataFrame) -> str:
+    """Issue 8's per-epoch table for every feature set in ``df`` (the toy first, then the testbeds)."""
+    parts = []
+    for (ds, model), part in df.groupby(["dataset", "model"], sort=False):
+        parts.append(f"**{ds} / {model}**\n\n{to_markdown(epoch_table(part))}")
+    return "\n".join(parts) + (
+        "\nValidation WGA per epoch (percent, mean over seeds); the calibration set per group "
+        "(landbird/land, landbird/water, waterbird/land, waterbird/water) is a diagnostic, "
+        "never read by CFR.\n"
+    )

@@ -1,7 +1,7 @@
 """Notebook 07's experiment: where do the zero-shot model and the CFR-calibrated model look, group by group?
 
-For a seeded sample of test images per group, the maps of :mod:`calib.attribution` for each image's own class
-prompt (the zero-shot head's class prototype, the text the classifier compares with), under the pretrained
+For a seeded sample of test images per group, the maps of :mod:`calib.studies.attribution_maps` for each image's own
+class prompt (the zero-shot head's class prototype, the text the classifier compares with), under the pretrained
 projection and under CFR's.  On the toy benchmark the bird's pixels are known (:func:`calib.data.toy.
 foreground_masks`), so each map's share of attribution on the bird is measured against the bird's share of the
 image (what a map with no preference would give).
@@ -22,7 +22,14 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from calib.attribution import (
+from calib.clip.features import FeatureSet, ImageFiles
+from calib.clip.models import LoadedClip
+from calib.core.logs import progress as tqdm
+from calib.data.base import GroupDataset
+from calib.data.toy import MARKER, foreground_masks
+from calib.evaluation.plots import use_style
+from calib.evaluation.results import make_row
+from calib.studies.attribution_maps import (
     METHODS,
     M2IBOptions,
     applicable_methods,
@@ -31,13 +38,6 @@ from calib.attribution import (
     mass_inside,
     method_projection,
 )
-from calib.data.base import GroupDataset
-from calib.data.toy import MARKER, foreground_masks
-from calib.features import FeatureSet, ImageFiles
-from calib.models import LoadedClip
-from calib.plots import use_style
-from calib.results import make_row
-from calib.utils import progress as tqdm
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def attribution_study(
         "m2ib": dataclasses.asdict(m2ib_options),
         "text": "class prototype of the image's class",
     }
-    from calib.utils import code_hash
+    from calib.core.hashing import code_hash
 
     provenance = {
         "weights": features.meta.get("weights"),
@@ -222,7 +222,7 @@ def study_rows(study: AttributionStudy, dataset: str, model: str, pretrained: st
 
 def mass_table_from_rows(rows: pd.DataFrame) -> pd.DataFrame:
     """The mass table (:meth:`AttributionStudy.mass_table`'s columns) rebuilt from ``attribution`` result rows
-    (:func:`calib.results.load_results`), for tables that only read rows."""
+    (:func:`calib.evaluation.results.load_results`), for tables that only read rows."""
     recs = []
     for r in rows.to_dict("records"):  # (itertuples would rename the dotted metric columns)
         for name, mass, area, n in zip(r["group_names"], r["test.mass_group"], r["test.area_group"], r["test.n_group"]):

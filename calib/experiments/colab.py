@@ -14,7 +14,7 @@ from pathlib import Path
 
 import nbformat
 
-from calib import paths
+from calib.core import paths
 
 log = logging.getLogger(__name__)
 

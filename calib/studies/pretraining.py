@@ -1,7 +1,7 @@
 """The pretraining-source study, after "Quality Not Quantity" (Nguyen et al., NeurIPS 2022): does the data a CLIP
 is pretrained on change its group robustness, and does mixing sources dilute it?
 
-**Toy sources.**  Toy CLIPs trained with the toy CLIP's code and budget (:func:`calib.toyclip.train_toy_clip`,
+**Toy sources.**  Toy CLIPs trained with the toy CLIP's code and budget (:func:`calib.clip.toyclip.train_toy_clip`,
 the ``toy`` preset's 800 steps of 200 pairs) on corpora drawn by the same renderer and captioner, differing the
 way web sources differ.  The sources were fixed before any of them was trained (never tuned on results):
 
@@ -38,9 +38,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from calib import paths
-from calib.toyclip import TOY_MODEL_NAME, TOY_PRESETS, ToyClipConfig, ensure_toy_clip, make_corpus, train_toy_clip
-from calib.utils import atomic_dir, stable_hash
+from calib.clip.toyclip import TOY_MODEL_NAME, TOY_PRESETS, ToyClipConfig, ensure_toy_clip, make_corpus, train_toy_clip
+from calib.core import paths
+from calib.core.files import atomic_dir
+from calib.core.hashing import stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def _checkpoint(name: str, preset: str, cache_dir: Path | None) -> tuple[Path, T
 
 def missing_sources(names: tuple[str, ...] = DEFAULT_SOURCES, preset: str = "toy") -> list[str]:
     """The sources among ``names`` whose toy CLIP is not cached yet (``run_all.sh`` balances its lanes by it)."""
-    from calib.toyclip import checkpoint_dir
+    from calib.clip.toyclip import checkpoint_dir
 
     source_names(list(names))
     out = []
@@ -184,8 +185,8 @@ def effective_robustness(id_acc: np.ndarray, ood_acc: np.ndarray, baseline: np.n
 
 
 def robustness_table(rows: pd.DataFrame) -> pd.DataFrame:
-    """From the study's rows (:func:`calib.results.load_results` of ``pretraining_sources``): per model its ID
-    (test avg acc), WGA, group-balanced accuracy and both effective robustnesses.  The line of a toy model is
+    """From the study's rows (:func:`calib.evaluation.results.load_results` of ``pretraining_sources``): per model
+    its ID (test avg acc), WGA, group-balanced accuracy and both effective robustnesses.  The line of a toy model is
     fitted on the other single-source toy models; that of a real backbone on the other real backbones."""
     df = rows.copy()
     df["balanced_acc"] = [float(np.mean(g)) for g in df["test.group_acc"]]
@@ -228,7 +229,7 @@ def scatter_figure(table: pd.DataFrame, ood: str = "wga", title: str = "") -> pl
     line fitted on the single-source models of each family."""
     import seaborn as sns
 
-    from calib.plots import use_style
+    from calib.evaluation.plots import use_style
 
     use_style()
     table = table.copy()
@@ -273,11 +274,11 @@ def run_source_study(
     """Zero-shot rows of every toy source or mixture in ``sources`` (pretrained first when not cached) and of every
     open_clip ``(model, tag)`` in ``backbones``, on ``dataset``.  Rows go to the ``pretraining_sources``
     experiment; one already written for the same weights, data and code is reused, not recomputed."""
-    from calib.experiment import prepare_features
+    from calib.clip.features import prepare_features
+    from calib.core.hashing import code_hash
+    from calib.core.logs import progress as tqdm
+    from calib.evaluation.results import append_rows, make_row, read_rows, results_path
     from calib.methods import run_method
-    from calib.results import append_rows, make_row, read_rows, results_path
-    from calib.utils import code_hash
-    from calib.utils import progress as tqdm
 
     source_names(sources)
     path = results_path("pretraining_sources")
@@ -326,7 +327,7 @@ def run_source_study(
 def study_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """The rows :func:`run_source_study` returned, read back from the ``pretraining_sources`` results file
     (newest row per run), in the study's order."""
-    from calib.results import load_results
+    from calib.evaluation.results import load_results
 
     df = load_results("pretraining_sources")
     wanted = [(r["dataset"], r["pretrained"], r["model"], r["code"]) for r in rows]

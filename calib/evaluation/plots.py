@@ -9,10 +9,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from calib import paths
+from calib.core import paths
 
 log = logging.getLogger(__name__)
-STYLE = paths.PACKAGE_DIR / "calib.mplstyle"
+STYLE = Path(__file__).resolve().parent / "calib.mplstyle"
 
 
 def use_style() -> None:
@@ -22,7 +22,7 @@ def use_style() -> None:
 
 def save_figure(fig: plt.Figure, name: str, figures_dir: Path | None = None) -> tuple[Path, Path]:
     """Write ``<figures_dir>/<name>.pdf`` and ``.png``; identical bytes for identical figures."""
-    from calib.utils import writing_to
+    from calib.core.files import writing_to
 
     out = Path(figures_dir or paths.figures_dir())
     pdf, png = out / f"{name}.pdf", out / f"{name}.png"
@@ -69,7 +69,8 @@ def group_accuracy_bars(
 ) -> plt.Figure:
     """Per-group accuracy of each method (seaborn bars: mean over seeds, error bar ± 1 std over seeds).
 
-    ``df`` is :func:`calib.results.load_results` output; it needs ``method``, ``seed`` and ``<split>.group_acc``.
+    ``df`` is :func:`calib.evaluation.results.load_results` output; it needs ``method``, ``seed`` and
+    ``<split>.group_acc``.
     The legend, right of the axes, gives each method's WGA (mean over seeds of each seed's worst group).
     """
     import seaborn as sns
@@ -114,8 +115,8 @@ def metric_bars(
     xlabel: str = "test accuracy (%)",
 ) -> plt.Figure:
     """Horizontal seaborn bars of per-seed values in [0, 1] (one row per seed): the mean per ``label_col``
-    and ``hue_col`` with ± 1 std over seeds.  :func:`calib.report.long_metrics` and
-    :func:`calib.report.protocol_long` build ``long`` from result rows."""
+    and ``hue_col`` with ± 1 std over seeds.  :func:`calib.evaluation.tables.long_metrics` and
+    :func:`calib.evaluation.tables.protocol_long` build ``long`` from result rows."""
     import seaborn as sns
 
     use_style()
@@ -149,7 +150,7 @@ def metric_bars(
 
 
 def cfr_dynamics(frame: pd.DataFrame, title: str = "") -> plt.Figure:
-    """CFR's per-epoch dynamics from :func:`calib.dynamics.history_frame` output: one row of panels
+    """CFR's per-epoch dynamics from :func:`calib.studies.dynamics.history_frame` output: one row of panels
     per variant (per-group training accuracy; validation WGA / worst-class / calibration-set accuracy;
     the loss terms and ``c``; ``||W - W0|| / ||W0||`` and the gradient norm; the logit scale; on the
     testbed, the logit weights of the core and spurious directions), mean over seeds with a band when

@@ -1,4 +1,5 @@
-"""Pre-projection feature extraction and the feature cache.
+"""Pre-projection feature extraction and the feature cache; :func:`prepare_features` is the one entry point
+(dataset name + CLIP model -> :class:`FeatureSet` of every split, from the cache when possible).
 
 For every image calib caches ``h`` (input of the image tower's final linear map, ``[n, d_h]``),
 ``z = h @ W0 + b0`` (the CLIP image embedding, ``[n, d]``), and the labels ``y``, spurious
@@ -28,11 +29,19 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from calib import paths
-from calib.data import SPLITS, DatasetLayoutError, GroupDataset, SplitTable
-from calib.models import LoadedClip, encode_pre_projection, logit_scale, projection_params, text_prototypes
-from calib.prompts import imagenet_templates
-from calib.utils import atomic_write_bytes, stable_hash
+from calib.clip.models import (
+    LoadedClip,
+    encode_pre_projection,
+    load_clip,
+    logit_scale,
+    projection_params,
+    text_prototypes,
+)
+from calib.clip.prompts import imagenet_templates
+from calib.core import paths
+from calib.core.files import atomic_write_bytes
+from calib.core.hashing import stable_hash
+from calib.data import SPLITS, DatasetLayoutError, GroupDataset, SplitTable, prepare_dataset
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +275,7 @@ def extract_split(
 
     Under torch.distributed the batches are sharded across processes and gathered on every rank.
     """
-    from calib.utils import progress as tqdm
+    from calib.core.logs import progress as tqdm
 
     device = torch.device(loaded.device)
     amp = resolve_amp(loaded, amp)
@@ -376,3 +385,18 @@ def build_feature_set(
             "device": loaded.device,
         },
     )
+
+
+def prepare_features(
+    dataset: str,
+    model: str,
+    pretrained: str | None,
+    root: str | Path | None = None,
+    device: str | None = None,
+    batch_size: int = 256,
+    num_workers: int | None = None,
+) -> FeatureSet:
+    """Features of every split of ``dataset`` under ``(model, pretrained)``, from the cache when possible."""
+    ds = prepare_dataset(dataset, root)
+    loaded = load_clip(model, pretrained, device=device)
+    return build_feature_set(loaded, ds, batch_size=batch_size, num_workers=num_workers)

@@ -8,7 +8,7 @@ land).  A model trained on it classifies birds zero-shot but leans on the backgr
 spurious correlation the paper studies.
 
 The trained weights are saved as a real open_clip checkpoint (``open_clip_model.safetensors`` next
-to ``open_clip_config.json``) and loaded through :func:`calib.models.load_clip` like any other
+to ``open_clip_config.json``) and loaded through :func:`calib.clip.models.load_clip` like any other
 (``load_clip("calib-toy-vit", "toy")``, or ``pretrained=<file>`` / ``local-dir:<folder>``).
 
 These settings were fixed before any method was evaluated and are not tuned on method results. One
@@ -28,11 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from calib import paths
+from calib.core import paths
+from calib.core.files import atomic_dir
+from calib.core.hashing import stable_hash
+from calib.core.logs import expected_random_init
 from calib.data.toy import render_scene
-from calib.utils import atomic_dir, expected_random_init, stable_hash
 
-ASSETS = paths.PACKAGE_DIR / "assets"
+ASSETS = Path(__file__).resolve().parent / "assets"
 TOY_MODEL_NAME = "calib-toy-vit"
 
 
@@ -83,7 +85,7 @@ class ToyClipConfig:
     image_size: int = 64  # pixels (matches the toy benchmark and the model config)
 
 
-# pretrained spellings accepted by calib.models.load_clip for the toy CLIP
+# pretrained spellings accepted by calib.clip.models.load_clip for the toy CLIP
 TOY_PRESETS: dict[str, ToyClipConfig] = {
     "toy": ToyClipConfig(),
     "toy-quick": ToyClipConfig(n_pairs=600, steps=20, warmup=5),  # seconds; for tests and smoke runs only
@@ -107,7 +109,7 @@ def make_corpus(
 ) -> tuple[np.ndarray, list[str], np.ndarray]:
     """Images ``[n, H, W, 3]`` uint8, captions, and ``[n, 2]`` (bird, place) of the training corpus.
 
-    The pretraining-source study (:mod:`calib.pretraining`) draws other corpora with the same renderer and
+    The pretraining-source study (:mod:`calib.studies.pretraining`) draws other corpora with the same renderer and
     captions: ``styles`` restricts the backgrounds (empty: all four), ``caption_noise`` is the probability that
     a caption describes another, random scene (alt text that does not match its image), and ``stream`` > 0
     draws different images.  The defaults give the toy CLIP's own corpus.
@@ -155,7 +157,7 @@ def train_toy_clip(cfg: ToyClipConfig, out_dir: Path, corpus: tuple[np.ndarray, 
     from open_clip.loss import ClipLoss
     from safetensors.torch import save_file
 
-    from calib.utils import progress as tqdm
+    from calib.core.logs import progress as tqdm
 
     register_calib_models()
     t0 = time.time()

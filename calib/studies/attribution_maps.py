@@ -50,8 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calib.models import UnsupportedModelError, _tower_kind, _without_projection, projection_params
-from calib.utils import progress
+from calib.clip.models import UnsupportedModelError, _tower_kind, _without_projection, projection_params
+from calib.core.logs import progress
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from sklearn.decomposition import PCA
 
-from calib import paths
-from calib.features import FeatureSet
+from calib.clip.features import FeatureSet
+from calib.core import paths
+from calib.evaluation.plots import use_style
 from calib.methods.heads import normalize
-from calib.plots import use_style
 
 
 def embeddings_after(method_instance, features: FeatureSet, split: str = "test") -> np.ndarray:
@@ -106,8 +106,9 @@ def cfr_geometry(
     cache key holds the features' weights fingerprint and dataset version, the options, the seed and
     calib's source hash, so a stale entry is never reused.
     """
+    from calib.core.files import atomic_write_bytes
+    from calib.core.hashing import code_hash, stable_hash
     from calib.methods import make_options, run_method
-    from calib.utils import atomic_write_bytes, code_hash, stable_hash
 
     opts = dataclasses.asdict(make_options("cfr", options))
     key = stable_hash(

@@ -1,14 +1,14 @@
 """Up-to-date stamps for ``./run_all.sh``: a notebook whose inputs have not changed since its last successful
-run is not executed again (a warm run takes seconds), like the result rows :func:`calib.experiment.run_experiment`
-reuses.
+run is not executed again (a warm run takes seconds), like the result rows
+:func:`calib.experiments.runner.run_experiment` reuses.
 
-A stamp holds the hash of everything a notebook's outputs depend on -- calib's source (:func:`calib.utils.code_hash`;
-the toy data and toy CLIP are functions of it), the notebook file and its papermill parameters -- and the
-figure and result files present after the run.  It matches when the hash is equal, the executed copy exists
-and those files still exist.  ``./run_all.sh --force`` ignores stamps.  Command line (no torch import, well
-under a second)::
+A stamp holds the hash of everything a notebook's outputs depend on -- calib's source
+(:func:`calib.core.hashing.code_hash`; the toy data and toy CLIP are functions of it), the notebook file and its
+papermill parameters -- and the figure and result files present after the run.  It matches when the hash is equal,
+the executed copy exists and those files still exist.  ``./run_all.sh --force`` ignores stamps.  Command line
+(no torch import, well under a second)::
 
-    python -m calib.stamps check|write STAMP_DIR NOTEBOOK EXECUTED PARAMS
+    python -m calib.experiments.stamps check|write STAMP_DIR NOTEBOOK EXECUTED PARAMS
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from calib import paths
-from calib.utils import code_hash
+from calib.core import paths
+from calib.core.hashing import code_hash
 
 
 def notebook_key(notebook: Path, params: str) -> str:

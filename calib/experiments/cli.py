@@ -11,7 +11,7 @@
     python -m calib bench methods [--dataset synthetic|toy] [--method NAME] [--seeds 0 1] [--epochs N] [--no-lanes]
     python -m calib bench throughput --model RN50 [--pretrained random] [--device cuda] [--batch-size 64]
     python -m calib plan --profile paper --data-dir DIR [--backbones M:P,...] [--seeds N] [--full-size] [--json]
-    python -m calib report readme [--dataset toy]
+    python -m calib report readme [--dataset toy] [--check]   # the generated blocks of README.md and docs/*.md
     python -m calib report notebooks [--repository OWNER/NAME]
     python -m calib realism --dataset toy --model calib-toy-vit --pretrained toy [--json]
 
@@ -26,15 +26,15 @@ import logging
 import sys
 from pathlib import Path
 
-from calib.utils import setup_logging
+from calib.core.logs import setup_logging
 
-log = logging.getLogger("calib.cli")
+log = logging.getLogger("calib.experiments.cli")
 
 
 def _cmd_realism(args: argparse.Namespace) -> int:
-    from calib.experiment import prepare_features
-    from calib.realism import realism_report, realism_table
-    from calib.testbed import make_testbed
+    from calib.clip.features import prepare_features
+    from calib.studies.realism import realism_report, realism_table
+    from calib.studies.testbed import make_testbed
 
     if args.dataset == "testbed":
         features = make_testbed()
@@ -54,7 +54,7 @@ def _cmd_make_toy(args: argparse.Namespace) -> int:
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from calib.download import download
+    from calib.data.download import download
 
     root = download(args.dataset, Path(args.root), source=args.source, sha256=args.sha256)
     print(f"{args.dataset} ready at {root}")
@@ -128,17 +128,17 @@ def _cmd_list_methods(args: argparse.Namespace) -> int:
 
 
 def _cmd_toy_clip(args: argparse.Namespace) -> int:
-    from calib.toyclip import TOY_PRESETS, ensure_toy_clip
+    from calib.clip.toyclip import TOY_PRESETS, ensure_toy_clip
 
     print(f"toy CLIP checkpoint: {ensure_toy_clip(TOY_PRESETS[args.preset])}")
     return 0
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from calib.distributed import distributed_context
-    from calib.experiment import prepare_dataset
-    from calib.features import get_split_features, get_text_prototypes
-    from calib.models import load_clip
+    from calib.clip.distributed import distributed_context
+    from calib.clip.features import get_split_features, get_text_prototypes
+    from calib.clip.models import load_clip
+    from calib.data import prepare_dataset
 
     with distributed_context(args.device) as (rank, world, device):
         ds = prepare_dataset(args.dataset, args.root) if rank == 0 else None
@@ -175,8 +175,8 @@ def _parse_options(pairs: list[str] | None) -> dict:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from calib.clip.npz import load_npz
     from calib.methods import run_method
-    from calib.npz import load_npz
 
     feats = load_npz(Path(args.embeddings))
     run = run_method(args.method, feats, seed=args.seed, options=_parse_options(args.option))
@@ -208,8 +208,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from calib.experiment import prepare_features
-    from calib.npz import export_npz
+    from calib.clip.features import prepare_features
+    from calib.clip.npz import export_npz
 
     feats = prepare_features(args.dataset, args.model, args.pretrained, root=args.root, device=args.device)
     print(f"wrote {export_npz(feats, Path(args.out))}")
@@ -219,15 +219,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_bench_methods(args: argparse.Namespace) -> int:
     import torch
 
-    from calib.bench import synthetic_features, time_methods
+    from calib.experiments.bench import synthetic_features, time_methods
 
     if args.dataset == "synthetic":
         feats = synthetic_features(args.d_h, args.d)
     else:
-        from calib.experiment import prepare_features
+        from calib.clip.features import prepare_features
 
         feats = prepare_features(args.dataset, args.model, args.pretrained)
-    from calib.experiment import epoch_options
+    from calib.experiments.runner import epoch_options
 
     options = epoch_options(args.epochs) if args.epochs else None
     df = time_methods(feats, args.method, tuple(args.seeds), options, lanes=not args.no_lanes, flops=not args.no_flops)
@@ -244,7 +244,7 @@ def _cmd_bench_methods(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_tpt(args: argparse.Namespace) -> int:
-    from calib.bench import time_tpt
+    from calib.experiments.bench import time_tpt
 
     r = time_tpt(args.model, args.pretrained, args.dataset, args.images, args.views, args.device)
     print(
@@ -257,8 +257,8 @@ def _cmd_bench_tpt(args: argparse.Namespace) -> int:
 def _cmd_bench_throughput(args: argparse.Namespace) -> int:
     import torch
 
-    from calib.models import load_clip
-    from calib.throughput import as_dict, measure
+    from calib.clip.models import load_clip
+    from calib.clip.throughput import as_dict, measure
 
     torch.manual_seed(0)
     loaded = load_clip(args.model, args.pretrained, device=args.device)
@@ -291,7 +291,7 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from calib.plan import PAPER_BACKBONES, full_size_plan, paper_plan, parse_backbones
+    from calib.experiments.plan import PAPER_BACKBONES, full_size_plan, paper_plan, parse_backbones
 
     backbones = parse_backbones(args.backbones) if args.backbones else PAPER_BACKBONES
     plan = (
@@ -311,15 +311,22 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_report_readme(args: argparse.Namespace) -> int:
-    from calib.report import update_readme
+    from calib.experiments.readme import stale_blocks, update_readme
 
-    path = update_readme(args.dataset, Path(args.readme) if args.readme else None)
-    print(f"updated {path}")
+    root = Path(args.root) if args.root else None
+    if args.check:
+        stale = stale_blocks(root, dataset=args.dataset)
+        for line in stale:
+            print(line)
+        print(f"{len(stale)} stale generated block(s)" if stale else "every generated block is current")
+        return 1 if stale else 0
+    changed = update_readme(args.dataset, root)
+    print("updated " + ", ".join(str(p) for p in changed) if changed else "every generated block was already current")
     return 0
 
 
 def _cmd_report_notebooks(args: argparse.Namespace) -> int:
-    from calib.colab import repository, sync_notebooks
+    from calib.experiments.colab import repository, sync_notebooks
 
     repo = args.repository or repository()
     changed = sync_notebooks(repo)
@@ -451,9 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
     rl.set_defaults(func=_cmd_realism)
 
     rep = sub.add_parser("report", help="render results").add_subparsers(dest="report_command", required=True)
-    rr = rep.add_parser("readme", help="write the toy result tables into README.md")
+    rr = rep.add_parser("readme", help="refresh the generated tables of README.md and docs/*.md")
     rr.add_argument("--dataset", default="toy")
-    rr.add_argument("--readme", default=None, help="README path (default: the checkout's README.md)")
+    rr.add_argument("--root", default=None, help="checkout whose README.md and docs/*.md to refresh (default: this)")
+    rr.add_argument(
+        "--check", action="store_true", help="refresh nothing; exit 1 if a block differs from its notebook's table"
+    )
     rr.set_defaults(func=_cmd_report_readme)
     rn = rep.add_parser("notebooks", help="point the Colab badges and bootstrap cells at [project.urls] Repository")
     rn.add_argument("--repository", default=None, help="owner/name instead of pyproject's (for a one-off check)")
@@ -464,10 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    from calib.clip.models import WeightsUnavailableError
+    from calib.core.files import OutputNotWritableError
     from calib.data import DatasetLayoutError
-    from calib.download import DownloadError
-    from calib.models import WeightsUnavailableError
-    from calib.utils import OutputNotWritableError
+    from calib.data.download import DownloadError
 
     try:
         return args.func(args)

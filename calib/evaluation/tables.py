@@ -1,17 +1,17 @@
-"""Result tables (mean ± std over seeds, label-need marks) and the README's results block."""
+"""Result tables from result rows: mean ± std over seeds, label-need marks, 95% CIs, both selection protocols,
+the paired comparison; as markdown and LaTeX."""
 
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import pandas as pd
 
-from calib import paths
+from calib.core import paths
+from calib.evaluation.results import summarize, to_latex, to_markdown
+from calib.evaluation.stats import format_interval, method_intervals, paired_difference
 from calib.methods import LABEL_LEGEND, LABEL_MARKS
-from calib.results import load_results, summarize, to_latex, to_markdown
-from calib.stats import format_interval, method_intervals, paired_difference
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def write_tables(
 
 def write_markdown(text: str, name: str, figures_dir: Path | None = None) -> Path:
     """Write ``<figures_dir>/<name>.md`` atomically (a table a notebook rendered)."""
-    from calib.utils import atomic_write_bytes
+    from calib.core.files import atomic_write_bytes
 
     path = Path(figures_dir or paths.figures_dir()) / f"{name}.md"
     atomic_write_bytes(path, text.encode())
@@ -127,7 +127,7 @@ def _protocol_parts(df: pd.DataFrame):
 
 def protocol_long(df: pd.DataFrame, metric: str = "test.wga", methods: tuple[str, ...] = TABLE_ORDER) -> pd.DataFrame:
     """Per-seed ``metric`` of every method setting under each protocol, long form for
-    :func:`calib.plots.metric_bars`: columns dataset, model, method, protocol, seed, value."""
+    :func:`calib.evaluation.plots.metric_bars`: columns dataset, model, method, protocol, seed, value."""
     rank = {m: i for i, m in enumerate(methods)}
     records = []
     for (ds, model, method, name), _, protocols in _protocol_parts(df):
@@ -149,7 +149,7 @@ def protocol_long(df: pd.DataFrame, metric: str = "test.wga", methods: tuple[str
 
 
 def long_metrics(df: pd.DataFrame, label_col: str, metrics: dict[str, str]) -> pd.DataFrame:
-    """Per-seed metrics of result rows in long form for :func:`calib.plots.metric_bars`: columns
+    """Per-seed metrics of result rows in long form for :func:`calib.evaluation.plots.metric_bars`: columns
     ``label_col``, seed, metric (the names ``metrics`` maps each column to), value."""
     long = df.melt(id_vars=[label_col, "seed"], value_vars=list(metrics), var_name="metric", value_name="value")
     return long.assign(metric=long["metric"].map(metrics))
@@ -160,7 +160,7 @@ def paired_table(
 ) -> pd.DataFrame:
     """``reference`` against every other method setting, paired on the same seeds and test samples: the mean
     over shared seeds of ``metric(reference) - metric(other)`` (percentage points) with its 95% bootstrap
-    interval, per dataset, model and protocol (:func:`calib.stats.paired_difference`).  A method evaluated on
+    interval, per dataset, model and protocol (:func:`calib.evaluation.stats.paired_difference`).  A method evaluated on
     a test subsample (TPT's ``max_images``) shares no full test set with the reference and is left out."""
     parts = list(_protocol_parts(df))
     rank = {m: i for i, m in enumerate(methods)}
@@ -264,91 +264,3 @@ def render_main_table(table: pd.DataFrame, fmt: str = "markdown", caption: str =
     if fmt == "latex":
         return to_latex(table, cols, caption=(caption + " " + legend).strip())
     raise ValueError(f"unknown table format {fmt!r}; use 'markdown' or 'latex'")
-
-
-def render_dynamics(df: pd.DataFrame) -> str:
-    """Issue 8's per-epoch table for every feature set in ``df`` (the toy first, then the testbeds)."""
-    from calib.dynamics import epoch_table
-
-    parts = []
-    for (ds, model), part in df.groupby(["dataset", "model"], sort=False):
-        parts.append(f"**{ds} / {model}**\n\n{to_markdown(epoch_table(part))}")
-    return "\n".join(parts) + (
-        "\nValidation WGA per epoch (percent, mean over seeds); the calibration set per group "
-        "(landbird/land, landbird/water, waterbird/land, waterbird/water) is a diagnostic, "
-        "never read by CFR.\n"
-    )
-
-
-README_BLOCKS = {  # marker name -> (experiment, table renderer, also the testbed's rows)
-    "results": ("spurious_correlation", lambda df: render_table(results_table(df), "markdown"), False),
-    "main-table": ("main_results", lambda df: render_main_table(main_table(df), "markdown"), False),
-    "cfr-dynamics": ("cfr_dynamics", render_dynamics, True),
-    "attribution": ("attribution", lambda df: _attribution_block(df), False),
-    "pretraining": ("pretraining_sources", lambda df: _pretraining_block(df), False),
-}
-
-
-def _attribution_block(df: pd.DataFrame) -> str:
-    from calib.attribution_study import mass_markdown, mass_table_from_rows
-
-    return mass_markdown(mass_table_from_rows(df))
-
-
-def _pretraining_block(df: pd.DataFrame) -> str:
-    from calib.pretraining import robustness_table, table_markdown
-
-    return table_markdown(robustness_table(df))
-
-
-def render_versions(rows: list[dict]) -> str:
-    """One line per distinct set of package versions (and git revision) among raw result rows."""
-    seen: dict[str, set[str]] = {}
-    for row in rows:
-        prov = row.get("provenance", {})
-        versions = ", ".join(f"{k} {v}" for k, v in sorted(prov.get("versions", {}).items()))
-        seen.setdefault(versions, set()).add(str(prov.get("git_rev", "?"))[:12])
-    lines = [f"- {v} (code at {', '.join(sorted(revs))})" for v, revs in seen.items()]
-    head = "The tables above were produced with (exact environment: `requirements.lock`):\n\n"
-    return head + "\n".join(lines) + "\n"
-
-
-def update_readme(dataset: str = "toy", readme: Path | None = None) -> Path:
-    """Refresh every README block (``<!-- NAME:start -->`` ... ``<!-- NAME:end -->``) whose rows exist."""
-    readme = readme or (paths.repo_root() or Path.cwd()) / "README.md"
-    text = readme.read_text()
-    for name, (experiment, render, testbeds) in README_BLOCKS.items():
-        start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-        if start not in text or end not in text:
-            raise ValueError(f"{readme} lacks the markers {start} ... {end}")
-        try:
-            df = load_results(experiment)
-        except FileNotFoundError:
-            log.warning("no %s rows yet; README block %r left as is", experiment, name)
-            continue
-        keep = df["dataset"] == dataset
-        if testbeds:  # the known-answer testbed's rows sit beside the toy's (seed and options as run)
-            keep |= df["dataset"].str.startswith("testbed")
-        df = df[keep]
-        if df.empty:
-            continue
-        text = _replace_block(text, name, render(df))
-    if "<!-- versions:start -->" in text:  # which package versions produced the tables
-        from calib.results import read_rows, results_path
-        from calib.utils import code_hash
-
-        raw = []
-        for experiment, _, _ in README_BLOCKS.values():
-            path = results_path(experiment)
-            if path.is_file():
-                raw += [r for r in read_rows(path) if r.get("dataset") == dataset and r.get("code") == code_hash()]
-        if raw:
-            text = _replace_block(text, "versions", render_versions(raw))
-    readme.write_text(text)
-    return readme
-
-
-def _replace_block(text: str, name: str, block: str) -> str:
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    new = f"{start}\n{block}{end}"
-    return re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _, new=new: new, text, flags=re.S)

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from calib.features import FeatureSet, SplitFeatures
-from calib.utils import atomic_write_bytes, file_hash
+from calib.clip.features import FeatureSet, SplitFeatures
+from calib.core.files import atomic_write_bytes
+from calib.core.hashing import file_hash
 
 REQUIRED_SPLITS = ("val", "test")
 

@@ -5,7 +5,7 @@
 - an open_clip tag (``"openai"``, ``"laion2b_s34b_b79k"``, ...), read from the Hugging Face cache;
 - a local checkpoint file (``.pt``, ``.bin``, ``.safetensors``);
 - ``"local-dir:<folder>"`` holding ``open_clip_config.json`` and weights;
-- ``"toy"``: calib's own toy CLIP (trained on first use, see :mod:`calib.toyclip`;
+- ``"toy"``: calib's own toy CLIP (trained on first use, see :mod:`calib.clip.toyclip`;
   ``"toy-quick"`` is a seconds-long version for tests);
 - ``None`` / ``"random"`` / ``"random:<seed>"``: randomly initialised weights (tests, throughput, smoke
   runs of the paper profile), drawn from a fixed seed (0 unless given) so that the same spelling always
@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from calib.toyclip import ASSETS, TOY_MODEL_NAME, TOY_PRESETS, ensure_toy_clip, register_calib_models  # noqa: F401
-from calib.utils import expected_random_init
+from calib.clip.toyclip import ASSETS, TOY_MODEL_NAME, TOY_PRESETS, ensure_toy_clip, register_calib_models  # noqa: F401
+from calib.core.logs import expected_random_init
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def load_clip(
     """
     import open_clip
 
-    from calib.utils import default_device
+    from calib.core.runtime import default_device
 
     device = device or default_device()
     resolved = _resolve(name, pretrained, cache_dir)

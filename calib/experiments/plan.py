@@ -15,9 +15,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from calib.ablations import CFR_ABLATIONS
 from calib.data import LOADERS, DatasetLayoutError
-from calib.dynamics import CFR_DYNAMICS
+from calib.studies.ablations import CFR_ABLATIONS
+from calib.studies.dynamics import CFR_DYNAMICS
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,10 @@ class Plan:
         unknown = sorted({r.model for r in self.rows if r.model not in ASSUMED_IMG_S})
         if unknown:
             lines.append(f"no assumed speed for {', '.join(unknown)}: costed at the ViT-L-14 speed")
-        lines.append(f"estimated total: {self.gpu_hours:.1f} GPU hours (assumed single-GPU speeds, see calib/plan.py)")
+        lines.append(
+            f"estimated total: {self.gpu_hours:.1f} GPU hours (assumed single-GPU speeds, see "
+            "calib/experiments/plan.py)"
+        )
         return "\n".join(lines)
 
 

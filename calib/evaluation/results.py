@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from calib import paths
-from calib.metrics import mean_std
-from calib.stats import method_intervals
-from calib.utils import locked, stable_hash, writing_to
+from calib.core import paths
+from calib.core.files import locked, writing_to
+from calib.core.hashing import stable_hash
+from calib.core.metrics import mean_std
+from calib.evaluation.stats import method_intervals
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def make_row(
     extra: dict[str, Any] | None = None,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    """One result row; ``metrics`` maps split name to an :class:`~calib.metrics.Evaluation` dict."""
+    """One result row; ``metrics`` maps split name to an :class:`~calib.core.metrics.Evaluation` dict."""
     return {
         "experiment": experiment,
         "method": method,
@@ -148,7 +149,7 @@ def append_rows(rows: Iterable[dict[str, Any]], path: Path, dedupe: bool = False
     Concurrent writers (two ``run_experiment`` calls on one experiment) never interleave lines, and
     with ``dedupe`` a row whose run (:func:`row_identity`) is already in the file is not written again
     (without it a re-run is appended and the newest row wins in :func:`load_results`).
-    A read-only or full output folder raises :class:`calib.utils.OutputNotWritableError`.
+    A read-only or full output folder raises :class:`calib.core.files.OutputNotWritableError`.
     """
     path = Path(path)
     with writing_to(path):
@@ -278,7 +279,7 @@ def summarize(
 ) -> pd.DataFrame:
     """Mean ± std over seeds per ``by`` group: columns ``<metric>`` (formatted), ``<metric>_mean``,
     ``<metric>_std`` and ``seeds``; with ``ci`` also ``test.wga_ci`` and ``test.avg_acc_ci``, the 95%
-    bootstrap intervals of :mod:`calib.stats`.  Row order follows first appearance in ``df``."""
+    bootstrap intervals of :mod:`calib.evaluation.stats`.  Row order follows first appearance in ``df``."""
     out = []
     for key, part in df.groupby(list(by), sort=False):
         rec = dict(zip(by, key if isinstance(key, tuple) else (key,)))

@@ -1,8 +1,10 @@
-"""The end-to-end pipeline the notebooks drive: dataset -> model -> cached features -> methods -> rows.
+"""Experiments: methods x variants x seeds on one feature set, written as result rows, resumable.
 
-Dataset names: ``"toy"`` (the built-in toy benchmark, made on first use), ``"toy-quick"`` (a 4%
-miniature for tests and smoke runs), or any name in :data:`calib.data.LOADERS` (real data,
-read from ``root`` or ``<CALIB_DATA_DIR>/<name>``).
+The notebooks drive the pipeline through it: :func:`calib.clip.features.prepare_features` gives the features
+of a dataset under a CLIP model; :func:`run_experiment` runs a :class:`RunSpec` on them and appends one row per
+(variant, seed) to ``results/<experiment>.jsonl``; :func:`run_grid` does so over datasets and backbones.
+Dataset names: ``"toy"``, ``"toy-quick"`` or any name in :data:`calib.data.LOADERS`
+(:func:`calib.data.prepare_dataset`).
 """
 
 from __future__ import annotations
@@ -16,48 +18,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from calib import paths
-from calib.data import GroupDataset, ToyConfig, load_dataset, load_waterbirds, make_toy_waterbirds
-from calib.features import FeatureSet, build_feature_set
+from calib.clip.features import FeatureSet, prepare_features
+from calib.clip.models import load_clip
+from calib.core.hashing import code_hash, stable_hash
+from calib.data import prepare_dataset
+from calib.evaluation.results import append_rows, flatten_row, make_row, read_rows, results_path
 from calib.methods import MethodRun, make_options, run_methods
 from calib.methods.base import SUBSAMPLE_SEED, RunContext, evaluate_instance
-from calib.models import load_clip
-from calib.results import append_rows, flatten_row, make_row, read_rows, results_path
-from calib.utils import code_hash, stable_hash
 
 log = logging.getLogger(__name__)
-
-TOY_DATASETS: dict[str, ToyConfig] = {"toy": ToyConfig(), "toy-quick": ToyConfig(scale=0.04)}
-
-
-def default_root(dataset: str) -> Path:
-    """Where a dataset lives by default: ``<CALIB_DATA_DIR>/<folder>``."""
-    folder = {"toy": "toy_waterbirds", "toy-quick": "toy_waterbirds_quick"}.get(dataset, dataset)
-    return paths.data_dir() / folder
-
-
-def prepare_dataset(dataset: str, root: str | Path | None = None) -> GroupDataset:
-    """Load ``dataset`` (making the toy benchmark first if needed)."""
-    root = Path(root) if root else default_root(dataset)
-    if dataset in TOY_DATASETS:
-        make_toy_waterbirds(root, TOY_DATASETS[dataset])
-        return load_waterbirds(root, name=dataset)
-    return load_dataset(dataset, root)
-
-
-def prepare_features(
-    dataset: str,
-    model: str,
-    pretrained: str | None,
-    root: str | Path | None = None,
-    device: str | None = None,
-    batch_size: int = 256,
-    num_workers: int | None = None,
-) -> FeatureSet:
-    """Features of every split of ``dataset`` under ``(model, pretrained)``, from the cache when possible."""
-    ds = prepare_dataset(dataset, root)
-    loaded = load_clip(model, pretrained, device=device)
-    return build_feature_set(loaded, ds, batch_size=batch_size, num_workers=num_workers)
 
 
 @dataclass
@@ -209,10 +178,10 @@ def run_experiment(
 
 
 def _correct_bits(run, features: FeatureSet) -> dict[str, str]:
-    """Which test samples the run got right, packed (:func:`calib.stats.pack_correct`; bootstrap intervals).
+    """Which test samples the run got right, packed (:func:`calib.evaluation.stats.pack_correct`; bootstrap intervals).
     A run on a seeded test subsample (``max_images``, e.g. TPT) is scored on that subsample."""
-    from calib.features import subsample
-    from calib.stats import pack_correct
+    from calib.clip.features import subsample
+    from calib.evaluation.stats import pack_correct
 
     out = {}
     n_sub = run.options.get("max_images", 0) if isinstance(run.options, dict) else 0

@@ -39,9 +39,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from calib.clip.features import FeatureSet, SplitFeatures
+from calib.core.hashing import stable_hash
 from calib.data.toy import WATERBIRDS_GROUP_SIZES
-from calib.features import FeatureSet, SplitFeatures
-from calib.utils import stable_hash
 
 
 @dataclass(frozen=True)
