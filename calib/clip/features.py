@@ -10,7 +10,11 @@ dataset version, split, format version): a cache made for another model, preproc
 dataset version is never picked up.  Each entry is written to a temporary file and renamed when
 complete, so an interrupted extraction never leaves a file that looks valid; each stores a checksum of
 its arrays, and a file that cannot be opened or fails it (truncated, edited by hand) is reported and
-rebuilt.  Non-finite features stop with :class:`NonFiniteFeaturesError` before they are cached.
+rebuilt.  Non-finite features stop with :class:`NonFiniteFeaturesError` before they are cached.  One process
+extracts an entry at a time (a lock on ``<entry>.lock``): a second one asking for it meanwhile waits and reads it.
+
+The zero-shot text prototypes are cached the same way under ``<cache>/text/`` (key, checksum, atomic write);
+one that cannot be read or fails its check is named in a warning and rebuilt.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import logging
 import os
 import zipfile
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from calib.clip.models import (
     LoadedClip,
+    UnsupportedModelError,
     encode_pre_projection,
     load_clip,
     logit_scale,
@@ -39,7 +45,7 @@ from calib.clip.models import (
 )
 from calib.clip.prompts import imagenet_templates
 from calib.core import paths
-from calib.core.files import atomic_write_bytes
+from calib.core.files import atomic_write_bytes, locked
 from calib.core.hashing import stable_hash
 from calib.data import SPLITS, DatasetLayoutError, GroupDataset, SplitTable, prepare_dataset
 
@@ -221,7 +227,10 @@ def _save(path: Path, key: dict, feats: SplitFeatures) -> None:
 def _load(path: Path, key: dict) -> SplitFeatures:
     """Read a cache file; :class:`CacheCorruptError` when it cannot be opened or fails its checksum."""
     try:
-        with np.load(path, allow_pickle=False) as f:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy where the archive should be
+            raise CacheCorruptError(f"feature cache {path} is not an .npz archive")
+        with data as f:
             stored = json.loads(str(f["key"]))
             arrays = {k: f[k] for k in CACHED_ARRAYS}
             checksum = str(f["checksum"])
@@ -311,6 +320,16 @@ def extract_split(
     return SplitFeatures(h=h, z=z, y=table.y, a=table.a, g=table.g, ids=table.ids)
 
 
+def _load_or_none(path: Path, key: dict) -> SplitFeatures | CacheCorruptError | None:
+    """The cached features at ``path``; None when there is no file, the error when it is damaged."""
+    if not path.is_file():
+        return None
+    try:
+        return _load(path, key)
+    except CacheCorruptError as err:
+        return err
+
+
 def get_split_features(
     loaded: LoadedClip,
     dataset: GroupDataset,
@@ -318,22 +337,33 @@ def get_split_features(
     cache_dir: Path | None = None,
     **extract_kwargs,
 ) -> SplitFeatures:
-    """Cached features of one split, extracting (and caching) them on a miss."""
+    """Cached features of one split, extracting (and caching) them on a miss or a damaged file.
+
+    The extraction runs under a lock on the entry, so two processes missing the same entry extract it once: the
+    second waits, then reads what the first wrote.  A cache hit takes no lock (a read-only cache still works).
+    """
     key = cache_key(loaded, dataset, split, amp=extract_kwargs.get("amp"))
     path = cache_path(key, cache_dir)
-    if path.is_file():
-        try:
-            feats = _load(path, key)
-            log.info("features %s/%s from cache %s", dataset.name, split, path.name)
-            return feats
-        except CacheCorruptError as err:
-            log.warning("%s; rebuilding it", err)
-    feats = extract_split(loaded, dataset.splits[split], desc=f"{dataset.name}/{split}", **extract_kwargs)
-    check_finite({split: feats}, f"{loaded.name} ({loaded.pretrained}) on {dataset.name}")
+    found = _load_or_none(path, key)
+    if isinstance(found, SplitFeatures):
+        log.info("features %s/%s from cache %s", dataset.name, split, path.name)
+        return found
     rank, world = dist_info()
-    if rank == 0:  # one writer; the others wait so nobody reads a half-written cache
-        _save(path, key, feats)
-        log.info("cached %d %s/%s features at %s", len(feats), dataset.name, split, path)
+    # Under torch.distributed every rank takes part in one sharded extraction (a collective): a file lock held by
+    # one rank would leave the others waiting on it while it waits for them, so there the ranks do not lock.
+    with locked(path, remove=True) if world == 1 else nullcontext():
+        if world == 1 and path.is_file():
+            found = _load_or_none(path, key)  # another process may have (re)built it while this one waited
+            if isinstance(found, SplitFeatures):
+                log.info("features %s/%s from cache %s (made by another process)", dataset.name, split, path.name)
+                return found
+        if isinstance(found, CacheCorruptError):
+            log.warning("%s; rebuilding it", found)
+        feats = extract_split(loaded, dataset.splits[split], desc=f"{dataset.name}/{split}", **extract_kwargs)
+        check_finite({split: feats}, f"{loaded.name} ({loaded.pretrained}) on {dataset.name}")
+        if rank == 0:  # one writer; the others wait so nobody reads a half-written cache
+            _save(path, key, feats)
+            log.info("cached %d %s/%s features at %s", len(feats), dataset.name, split, path)
     if world > 1:
         import torch.distributed as dist
 
@@ -341,18 +371,94 @@ def get_split_features(
     return feats
 
 
+def _embed_dim(loaded: LoadedClip) -> int | None:
+    """The CLIP embedding width ``d`` (that of the image projection), None for a tower calib cannot split."""
+    try:
+        return int(projection_params(loaded.model)[0].shape[1])
+    except UnsupportedModelError:
+        return None
+
+
+def _protos_problem(protos: np.ndarray, n_classes: int, d: int | None) -> str | None:
+    """What is wrong with cached text prototypes (shape, dtype, values), or None: each row is a unit vector."""
+    want = (n_classes, d if d is not None else protos.shape[-1])
+    if protos.ndim != 2 or protos.shape != want:
+        return f"holds an array of shape {protos.shape}, not {want}"
+    if protos.dtype != np.float32:
+        return f"holds {protos.dtype} values, not float32"
+    if not np.isfinite(protos).all():
+        return "holds NaN or infinity"
+    if not np.allclose(np.linalg.norm(protos.astype(np.float64), axis=1), 1.0, atol=1e-3):
+        return "holds rows that are not unit vectors"
+    return None
+
+
+def _read_protos(path: Path, key: dict, n_classes: int, d: int | None) -> np.ndarray:
+    """Text prototypes from ``path`` (``.npz`` with key and checksum, or the older bare ``.npy``);
+    :class:`CacheCorruptError` naming the file when it cannot be read or fails its check."""
+    try:
+        data = np.load(path, allow_pickle=False)
+        if path.suffix == ".npz":
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise CacheCorruptError(f"text-prototype cache {path} is not an .npz archive")
+            with data as f:
+                protos, stored, checksum = f["protos"], json.loads(str(f["key"])), str(f["checksum"])
+            if stored != key:
+                raise CacheCorruptError(f"text-prototype cache {path} was made for another model or prompts")
+            if array_checksum({"protos": protos}) != checksum:
+                raise CacheCorruptError(f"text-prototype cache {path} fails its checksum (edited or damaged)")
+        elif isinstance(data, np.ndarray):
+            protos = data
+        else:
+            data.close()
+            raise CacheCorruptError(f"text-prototype cache {path} is not an .npy array")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise CacheCorruptError(
+            f"text-prototype cache {path} cannot be read ({type(err).__name__}: {one_line_error(err)})"
+        ) from err
+    problem = _protos_problem(protos, n_classes, d)
+    if problem:
+        raise CacheCorruptError(f"text-prototype cache {path} {problem}")
+    return protos
+
+
+def text_cache_path(loaded: LoadedClip, key: dict, cache_dir: Path | None = None) -> Path:
+    """``<cache>/text/<model>-<hash>.npz`` (calib before the checksum wrote ``.npy`` there, still read)."""
+    return Path(cache_dir or paths.cache_dir()) / "text" / f"{loaded.name}-{stable_hash(key)}.npz"
+
+
 def get_text_prototypes(
     loaded: LoadedClip, class_names: list[str], templates: list[str] | None = None, cache_dir: Path | None = None
 ) -> np.ndarray:
-    """Zero-shot class prototypes ``[C, d]`` (prompt ensemble), cached per weights and prompts."""
+    """Zero-shot class prototypes ``[C, d]`` (prompt ensemble), cached per weights and prompts.
+
+    A cache file that cannot be read or fails its check (shape, finiteness, unit rows, checksum) is named in a
+    warning and rebuilt.  Prototypes cached by an older calib as a bare ``.npy`` (same key) are still used when
+    they pass the check, so their numbers stay the same.  No lock: computing them takes a second and every writer
+    writes the same bytes atomically.
+    """
     templates = templates or imagenet_templates()
     key = {"weights": loaded.fingerprint, "model": loaded.name, "classes": class_names, "templates": templates}
-    path = Path(cache_dir or paths.cache_dir()) / "text" / f"{loaded.name}-{stable_hash(key)}.npy"
-    if path.is_file():
-        return np.load(path)
+    path = text_cache_path(loaded, key, cache_dir)
+    legacy = path.with_suffix(".npy")
+    d = _embed_dim(loaded)
+    for candidate in (path, legacy):
+        if not candidate.is_file():
+            continue
+        try:
+            return _read_protos(candidate, key, len(class_names), d)
+        except CacheCorruptError as err:
+            log.warning("%s; rebuilding it", err)
+            with suppress(OSError):  # calib's own file: a damaged one is of no use to anybody
+                candidate.unlink()
     protos = text_prototypes(loaded, class_names, templates).numpy()
     buf = io.BytesIO()
-    np.save(buf, protos)
+    np.savez(
+        buf,
+        protos=protos,
+        key=np.array(json.dumps(key, sort_keys=True)),
+        checksum=np.array(array_checksum({"protos": protos})),
+    )
     atomic_write_bytes(path, buf.getvalue())
     return protos
 

@@ -18,10 +18,13 @@ no method result read): training length, 600 -> 800 steps.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,7 +32,7 @@ import numpy as np
 import torch
 
 from calib.core import paths
-from calib.core.files import atomic_dir
+from calib.core.files import atomic_dir, default_file_mode, locked
 from calib.core.hashing import stable_hash
 from calib.core.logs import expected_random_init
 from calib.data.toy import render_scene
@@ -207,7 +210,9 @@ def train_toy_clip(cfg: ToyClipConfig, out_dir: Path, corpus: tuple[np.ndarray, 
         losses.append(loss.item())
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / "open_clip_model.safetensors"))
+    weights = out_dir / "open_clip_model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    os.chmod(weights, default_file_mode())  # safetensors makes it private; it is as shareable as the rest
     model_cfg = json.loads((ASSETS / f"{TOY_MODEL_NAME}.json").read_text())
     config = {"model_cfg": model_cfg, "preprocess_cfg": {"mean": list(mean), "std": list(std)}}
     (out_dir / "open_clip_config.json").write_text(json.dumps(config, indent=2))
@@ -230,16 +235,85 @@ def train_toy_clip(cfg: ToyClipConfig, out_dir: Path, corpus: tuple[np.ndarray, 
     return info
 
 
-def ensure_toy_clip(cfg: ToyClipConfig = ToyClipConfig(), cache_dir: Path | None = None) -> Path:
-    """Path of the toy CLIP's ``open_clip_model.safetensors``, training it first if it is not cached.
+WEIGHTS_FILE = "open_clip_model.safetensors"
+CONFIG_FILE = "open_clip_config.json"
+MANIFEST_FILE = "manifest.json"  # sha256 and size of the weights and config, written when the folder is made
 
-    The checkpoint folder is built under a temporary name and renamed when complete.
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_manifest(folder: Path) -> None:
+    files = {
+        name: {"sha256": _sha256(folder / name), "bytes": (folder / name).stat().st_size}
+        for name in (WEIGHTS_FILE, CONFIG_FILE)
+    }
+    (folder / MANIFEST_FILE).write_text(json.dumps(files, indent=2))
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """What is wrong with a toy-CLIP checkpoint folder calib made, or None when it is sound.
+
+    A folder with a manifest must match it byte for byte.  One made before manifests existed is checked for what
+    a truncated or damaged file breaks: the config parses, the safetensors file parses to the end and its tensors
+    are finite.
     """
-    final = checkpoint_dir(cfg, cache_dir)
-    weights = final / "open_clip_model.safetensors"
-    if weights.is_file():
+    weights, config = folder / WEIGHTS_FILE, folder / CONFIG_FILE
+    for f in (weights, config):
+        if not f.is_file():
+            return f"{f} is missing"
+    manifest = folder / MANIFEST_FILE
+    try:
+        if manifest.is_file():
+            for name, want in json.loads(manifest.read_text()).items():
+                f = folder / name
+                if f.stat().st_size != want["bytes"] or _sha256(f) != want["sha256"]:
+                    return f"{f} does not match {manifest} (truncated or damaged)"
+            return None
+        json.loads(config.read_text())
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(weights))
+    except Exception as err:  # json, safetensors and OS errors alike mean the same: not a usable checkpoint
+        return f"{folder} cannot be read ({type(err).__name__}: {str(err).strip()[:200]})"
+    if not tensors:
+        return f"{weights} holds no tensors"
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        return f"{weights} holds NaN or infinity (in {bad[:3]})"
+    return None
+
+
+def ensure_checkpoint(folder: Path, train: Callable[[Path], object], what: str) -> Path:
+    """``folder``'s ``open_clip_model.safetensors``, made by ``train(tmp_folder)`` when it is missing or fails
+    :func:`checkpoint_problem` (then a warning names it).
+
+    Training runs under a lock on ``folder``: a second process asking for the same checkpoint meanwhile waits,
+    then uses the first one's.  The folder is built under a temporary name and renamed when complete.
+    """
+    weights = folder / WEIGHTS_FILE
+    if folder.exists() and checkpoint_problem(folder) is None:
         return weights
-    log.info("training the toy CLIP (one time, cached at %s)", final)
-    with atomic_dir(final) as tmp:
-        train_toy_clip(cfg, tmp)
+    with locked(folder, remove=True):
+        problem = checkpoint_problem(folder) if folder.exists() else None
+        if folder.exists() and problem is None:
+            log.info("%s was trained by another process meanwhile: using it", folder)
+            return weights
+        if problem is not None:
+            log.warning("%s checkpoint is damaged: %s; training it again", what, problem)
+        log.info("training %s (one time, cached at %s)", what, folder)
+        with atomic_dir(folder) as tmp:
+            train(tmp)
+            _write_manifest(tmp)
     return weights
+
+
+def ensure_toy_clip(cfg: ToyClipConfig = ToyClipConfig(), cache_dir: Path | None = None) -> Path:
+    """Path of the toy CLIP's ``open_clip_model.safetensors``, training it first if it is not cached (or if the
+    cached one is damaged: see :func:`ensure_checkpoint`)."""
+    return ensure_checkpoint(checkpoint_dir(cfg, cache_dir), lambda tmp: train_toy_clip(cfg, tmp), "the toy CLIP")

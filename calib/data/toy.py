@@ -15,15 +15,17 @@ is trained on (:mod:`calib.clip.toyclip`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from calib.core.files import atomic_dir
+from calib.core.files import atomic_dir, locked
 from calib.core.logs import progress as tqdm
 from calib.data.base import DatasetLayoutError
 
@@ -40,6 +42,7 @@ LAND_STYLES = ("forest", "field")
 WATER_STYLES = ("ocean", "lake")
 CLASS_FOLDERS = ("001.Toy_Landbird", "002.Toy_Waterbird")
 MARKER = "toy_benchmark.json"  # written last: its presence means the folder is complete
+MANIFEST = "toy_files.json"  # sha256 of metadata.csv and every image's size, written just before the marker
 
 # Bird colours shared by both classes, so colour alone never tells the class.
 _BIRD_COLOURS = np.array(
@@ -222,39 +225,114 @@ def foreground_masks(root: Path, img_ids: np.ndarray | list[int]) -> np.ndarray:
     return out
 
 
-def make_toy_waterbirds(root: Path, cfg: ToyConfig = ToyConfig(), overwrite: bool = False) -> Path:
-    """Write the toy benchmark to ``root`` in the Waterbirds layout; reuse it if already complete.
+def _image_name(y: int, img_id: int) -> str:
+    return f"{CLASS_FOLDERS[y]}/{CLASS_FOLDERS[y][4:]}_{img_id:05d}.jpg"
 
-    The folder is built under a temporary name and renamed at the end, so an interrupted run
-    leaves nothing that looks valid.  Returns ``root``.
+
+def toy_problem(root: Path, cfg: ToyConfig) -> str | None:
+    """What is wrong with a complete-looking toy benchmark at ``root`` (its marker says ``cfg``), or None.
+
+    ``metadata.csv`` must list exactly the images the plan of ``cfg`` draws, and every image must be on disk.  A
+    folder with a manifest must also match it (metadata bytes, image sizes: a truncated or replaced image shows);
+    one made before manifests existed needs each image non-empty.  Only sizes are read, no image: as cheap as the
+    loader's own check that every listed file exists.
+    """
+    meta = root / "metadata.csv"
+    try:
+        text = meta.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        return f"{meta} cannot be read ({type(err).__name__})"
+    plan = _plan(cfg)
+    sizes: list[int] | None = None  # the image sizes written, when the folder has a manifest
+    if (root / MANIFEST).is_file():
+        try:
+            manifest = json.loads((root / MANIFEST).read_text())
+            want_meta, sizes = manifest["metadata_sha256"], [int(n) for n in manifest["image_bytes"]]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            return f"{root / MANIFEST} cannot be read ({type(err).__name__})"
+        if hashlib.sha256(text.encode()).hexdigest() != want_meta or len(sizes) != len(plan):
+            return f"{meta} does not match {root / MANIFEST} (edited or damaged)"
+    lines = text.splitlines()
+    if len(lines) != len(plan) + 1:
+        return f"{meta} lists {len(lines) - 1} images, not {len(plan)}"
+    for idx, ((split, y, place), line) in enumerate(zip(plan, lines[1:])):
+        rel = _image_name(y, idx + 1)
+        if line.split(",")[:5] != [str(idx + 1), rel, str(y), str(split), str(place)]:
+            return f"{meta} line {idx + 2} is not what the toy benchmark writes there"
+        try:
+            size = os.stat(root / rel).st_size
+        except OSError:
+            return f"image {root / rel} is missing"
+        if size == 0 or (sizes is not None and size != sizes[idx]):
+            return f"image {root / rel} has {size} bytes, not the {sizes[idx] if sizes else '> 0'} written"
+    return None
+
+
+def make_toy_waterbirds(root: Path, cfg: ToyConfig = ToyConfig(), overwrite: bool = False) -> Path:
+    """Write the toy benchmark to ``root`` in the Waterbirds layout; reuse it if already complete and sound.
+
+    A folder calib made (it holds the marker) that fails :func:`toy_problem` (images missing or damaged, metadata
+    edited) is named in a warning and made again.  The folder is built under a temporary name and renamed at the
+    end, so an interrupted run leaves nothing that looks valid; it is built under a lock on ``root``, so a second
+    process asking for it meanwhile waits and then uses the first one's.  Returns ``root``.
     """
     root = Path(root).resolve()
+    if not overwrite and _reusable(root, cfg, quiet=True):
+        return root
+    with locked(root, remove=True):
+        # checked again under the lock: another process may have made it while this one waited
+        if not overwrite and _reusable(root, cfg, quiet=False):
+            return root
+        plan = _plan(cfg)
+        with atomic_dir(root) as tmp:
+            for folder in CLASS_FOLDERS:
+                (tmp / folder).mkdir()
+            lines = ["img_id,img_filename,y,split,place,place_filename"]
+            sizes = []
+            for idx, (split, y, place) in enumerate(tqdm(plan, desc="toy images", unit="img", mininterval=2)):
+                img_id = idx + 1
+                rng = np.random.default_rng([cfg.seed, img_id])
+                pixels, style = render_scene(rng, y, place, cfg.image_size)
+                rel = _image_name(y, img_id)
+                Image.fromarray(pixels).save(tmp / rel, quality=95)
+                sizes.append((tmp / rel).stat().st_size)
+                lines.append(f"{img_id},{rel},{y},{split},{place},/{style[0]}/{style}/toy_{img_id:05d}.jpg")
+            text = "\n".join(lines) + "\n"
+            (tmp / "metadata.csv").write_text(text)
+            manifest = {"metadata_sha256": hashlib.sha256(text.encode()).hexdigest(), "image_bytes": sizes}
+            (tmp / MANIFEST).write_text(json.dumps(manifest))
+            (tmp / MARKER).write_text(json.dumps(asdict(cfg)))
+    log.info("wrote %d toy images to %s", len(plan), root)
+    return root
+
+
+def _reusable(root: Path, cfg: ToyConfig, quiet: bool) -> bool:
+    """Whether ``root`` holds a sound toy benchmark of ``cfg`` (True), or may be (re)made (False).
+
+    Raises :class:`DatasetLayoutError` for a folder calib must not write over: another config's benchmark, or a
+    folder that is not a toy benchmark.  Unless ``quiet``, a damaged benchmark is named in a warning.
+    """
     marker = root / MARKER
-    if root.exists() and not overwrite:
-        if marker.is_file():
-            stored = json.loads(marker.read_text())
-            if stored == asdict(cfg):
-                log.info("toy benchmark already at %s", root)
-                return root
+    if not root.exists():
+        return False
+    if not marker.is_file():
+        if any(root.iterdir()):
+            raise DatasetLayoutError(f"{root} exists and is not a toy benchmark; refusing to write into it")
+        return False
+    try:
+        stored = json.loads(marker.read_text())
+    except (OSError, ValueError) as err:
+        problem: str | None = f"{marker} cannot be read ({type(err).__name__})"
+    else:
+        if stored != asdict(cfg):
             raise DatasetLayoutError(
                 f"{root} holds a toy benchmark made with {stored}, not {asdict(cfg)}; "
                 "pass overwrite=True (CLI: --overwrite) or choose another --root"
             )
-        if any(root.iterdir()):
-            raise DatasetLayoutError(f"{root} exists and is not a toy benchmark; refusing to write into it")
-    plan = _plan(cfg)
-    with atomic_dir(root) as tmp:
-        for folder in CLASS_FOLDERS:
-            (tmp / folder).mkdir()
-        lines = ["img_id,img_filename,y,split,place,place_filename"]
-        for idx, (split, y, place) in enumerate(tqdm(plan, desc="toy images", unit="img", mininterval=2)):
-            img_id = idx + 1
-            rng = np.random.default_rng([cfg.seed, img_id])
-            pixels, style = render_scene(rng, y, place, cfg.image_size)
-            rel = f"{CLASS_FOLDERS[y]}/{CLASS_FOLDERS[y][4:]}_{img_id:05d}.jpg"
-            Image.fromarray(pixels).save(tmp / rel, quality=95)
-            lines.append(f"{img_id},{rel},{y},{split},{place},/{style[0]}/{style}/toy_{img_id:05d}.jpg")
-        (tmp / "metadata.csv").write_text("\n".join(lines) + "\n")
-        (tmp / MARKER).write_text(json.dumps(asdict(cfg)))
-    log.info("wrote %d toy images to %s", len(plan), root)
-    return root
+        problem = toy_problem(root, cfg)
+    if problem is None:
+        log.info("toy benchmark already at %s", root)
+        return True
+    if not quiet:
+        log.warning("the toy benchmark at %s fails its check: %s; making it again", root, problem)
+    return False

@@ -38,9 +38,16 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from calib.clip.toyclip import TOY_MODEL_NAME, TOY_PRESETS, ToyClipConfig, ensure_toy_clip, make_corpus, train_toy_clip
+from calib.clip.toyclip import (
+    TOY_MODEL_NAME,
+    TOY_PRESETS,
+    ToyClipConfig,
+    ensure_checkpoint,
+    ensure_toy_clip,
+    make_corpus,
+    train_toy_clip,
+)
 from calib.core import paths
-from calib.core.files import atomic_dir
 from calib.core.hashing import stable_hash
 
 log = logging.getLogger(__name__)
@@ -109,13 +116,13 @@ def _checkpoint(name: str, preset: str, cache_dir: Path | None) -> tuple[Path, T
 
 def missing_sources(names: tuple[str, ...] = DEFAULT_SOURCES, preset: str = "toy") -> list[str]:
     """The sources among ``names`` whose toy CLIP is not cached yet (``run_all.sh`` balances its lanes by it)."""
-    from calib.clip.toyclip import checkpoint_dir
+    from calib.clip.toyclip import checkpoint_dir, checkpoint_problem
 
     source_names(list(names))
     out = []
     for name in names:
         folder = checkpoint_dir(TOY_PRESETS[preset]) if name == "reference" else _checkpoint(name, preset, None)[0]
-        if not (folder / "open_clip_model.safetensors").is_file():
+        if not folder.exists() or checkpoint_problem(folder) is not None:
             out.append(name)
     return out
 
@@ -127,18 +134,17 @@ def ensure_source_clip(name: str, preset: str = "toy", cache_dir: Path | None = 
     if name == "reference":
         return ensure_toy_clip(TOY_PRESETS[preset], cache_dir)
     folder, cfg, parts, spec = _checkpoint(name, preset, cache_dir)
-    weights = folder / "open_clip_model.safetensors"
-    if weights.is_file():
-        return weights
-    log.info("pretraining a toy CLIP on %r (one time, cached at %s)", name, folder)
-    shares = [cfg.n_pairs // len(parts) + (k < cfg.n_pairs % len(parts)) for k in range(len(parts))]
-    corpora = [_source_corpus(SOURCES[p], preset, n) for p, n in zip(parts, shares)]
-    images = np.concatenate([c[0] for c in corpora])
-    captions = [t for c in corpora for t in c[1]]
-    with atomic_dir(folder) as tmp:
+
+    def train(tmp: Path) -> None:
+        shares = [cfg.n_pairs // len(parts) + (k < cfg.n_pairs % len(parts)) for k in range(len(parts))]
+        corpora = [_source_corpus(SOURCES[p], preset, n) for p, n in zip(parts, shares)]
+        images = np.concatenate([c[0] for c in corpora])
+        captions = [t for c in corpora for t in c[1]]
         train_toy_clip(cfg, tmp, corpus=(images, captions))
         (tmp / "source.json").write_text(json.dumps({"name": name, **spec}, indent=2))
-    return weights
+
+    # the same checks, lock and atomic folder as the toy CLIP's own checkpoint
+    return ensure_checkpoint(folder, train, f"a toy CLIP pretrained on {name!r}")
 
 
 # --- effective robustness -----------------------------------------------------------------------------------
