@@ -150,8 +150,9 @@ def _scene(path, label: int, attr: int, i: int):
 
 def write_paper_data_dir(root, per_group: int = 6):
     """``root/{waterbirds,celeba,metashift,chexpert}`` in the exact release layouts, ``per_group`` images per
-    (class, attribute) group and split (CheXpert: 12 * ``per_group`` per split, some sex x race groups sparse
-    or empty, as in the real data).  Returns ``root``."""
+    (class, attribute) group and split (CheXpert: 8 * 12 * ``per_group`` images in all, some sex x race groups
+    sparse; with fewer, its stratified re-split leaves a training group out of validation, which the input checks
+    refuse, unlike the real data, whose every group has thousands).  Returns ``root``."""
     root = Path(root)
     species = {
         1: "001.Black_footed_Albatross/Black_Footed_Albatross",
@@ -176,7 +177,7 @@ def write_paper_data_dir(root, per_group: int = 6):
                     celeba_rows.append((f"{i:06d}.jpg", blond, male, part))
     celeba_original(root / "celeba", celeba_rows, image=lambda p, r, k: _scene(p, int(r[1] > 0), int(r[2] > 0), k))
     metashift(root / "metashift", n=4 * per_group, image=lambda p, k, j: _scene(p, k % 2, k // 2, 100 * k + j))
-    chexpert(root / "chexpert", n=4 * 12 * per_group, image=lambda p, i: _scene(p, i % 3 == 0, i % 2, i))
+    chexpert(root / "chexpert", n=8 * 12 * per_group, image=lambda p, i: _scene(p, i % 3 == 0, i % 2, i))
     return root
 
 

@@ -124,5 +124,7 @@ def test_a_validation_set_too_small_for_the_protocol_is_a_clear_error():
     val = data.splits["val"]
     keep = np.flatnonzero(val.y == 0)  # a validation split without class 1: no balanced fit can work
     data.splits["val"] = SplitFeatures(z=val.z[keep], y=val.y[keep], g=val.g[keep])
+    with pytest.raises(ValueError, match=r"the val split lacks class\(es\) 1 .* of the train split"):
+        run_method("dfr", data, seed=0)  # stopped where the features enter, before DFR's own check
     with pytest.raises(ValueError, match="validation split is too small for DFR"):
-        run_method("dfr", data, seed=0)
+        run_method("dfr", data, seed=0, allow_partial=True)  # a partial evaluation asked for: DFR still cannot fit

@@ -11,11 +11,13 @@ methods that use the zero-shot head or pre-projection features cannot run on an 
 from __future__ import annotations
 
 import io
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from calib.clip.features import FeatureSet, SplitFeatures
+from calib.core.checks import InputCheckError, check_labels, check_norms
 from calib.core.files import atomic_write_bytes
 from calib.core.hashing import file_hash
 
@@ -33,11 +35,18 @@ def _fail(path: Path, problem: str) -> EmbeddingsFileError:
     )
 
 
-def load_npz(path: Path) -> FeatureSet:
-    """Read and validate an embeddings npz into a :class:`FeatureSet` (no ``h``, no text head)."""
+def load_npz(path: Path, allow_partial: bool = False) -> FeatureSet:
+    """Read and validate an embeddings npz into a :class:`FeatureSet` (no ``h``, no text head).
+
+    Besides keys, shapes and dtypes, the labels and rows are checked (:mod:`calib.core.checks`); with
+    ``allow_partial`` a split may lack a class or group of the training split (pass it to the method run too)."""
     path = Path(path)
     if not path.is_file():
         raise EmbeddingsFileError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):  # numpy would talk about pickles for a text file renamed .npz
+        with open(path, "rb") as f:
+            head = f.read(16)
+        raise _fail(path, f"is not an npz archive (an npz is a zip file; this one starts with {head!r})")
     try:
         data = dict(np.load(path, allow_pickle=False))
     except Exception as err:
@@ -71,6 +80,11 @@ def load_npz(path: Path) -> FeatureSet:
             raise _fail(path, f"embeddings_{split} has {x.shape[1]} dims, other splits {dim}")
         dim = x.shape[1]
         splits[split] = SplitFeatures(z=x.astype(np.float32), y=y.astype(np.int64), g=g.astype(np.int64))
+    try:  # where the embeddings enter: empty splits, missing groups, labels the training split never shows
+        check_labels({s: (f.y, f.g) for s, f in splits.items()}, str(path), allow_partial=allow_partial)
+        check_norms({f"embeddings_{s}": f.z for s, f in splits.items()}, str(path))
+    except InputCheckError as err:
+        raise EmbeddingsFileError(str(err)) from None
     n_classes = int(max(s.y.max() for s in splits.values())) + 1
     n_groups = int(max(s.g.max() for s in splits.values())) + 1
     return FeatureSet(

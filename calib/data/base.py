@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from calib.core.checks import check_labels
+
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 
@@ -59,6 +61,23 @@ class GroupDataset:
     splits: dict[str, SplitTable]
     version: str  # hash of the metadata files: part of every feature-cache key
     extra: dict = field(default_factory=dict)  # e.g. "layout": which on-disk layout the reader found
+
+    def __post_init__(self) -> None:
+        # an empty split is never a dataset a method can use: stop where it is read
+        for split, table in self.splits.items():
+            if len(table.y) == 0:
+                raise DatasetLayoutError(f"dataset {self.name!r} at {self.root}: the {split} split has no rows")
+
+    def check(self, allow_partial: bool = False) -> dict[str, dict[str, list[int]]]:
+        """Raise :class:`~calib.core.checks.InputCheckError` if a split lacks a class or group of the training
+        split, or has labels it never shows (:func:`calib.core.checks.check_labels`; ``allow_partial``: report)."""
+        return check_labels(
+            {s: (t.y, t.g) for s, t in self.splits.items()},
+            f"dataset {self.name!r} at {self.root}",
+            self.class_names,
+            self.group_names,
+            allow_partial=allow_partial,
+        )
 
     @property
     def n_classes(self) -> int:

@@ -59,6 +59,15 @@ class ToyConfig:
     scale: float = 1.0  # multiplies Waterbirds' group sizes (1.0 = 11,788 images)
     image_size: int = 64  # square images, pixels
 
+    def __post_init__(self) -> None:
+        # a scale of 0 or below would quietly give the 2-per-group floor: a 24-image benchmark nobody asked for
+        if not 0 < self.scale <= 1:
+            raise ValueError(f"toy scale must be in (0, 1] (a fraction of Waterbirds' size), got {self.scale}")
+        if self.seed < 0:
+            raise ValueError(f"toy seed must be a non-negative integer, got {self.seed}")
+        if self.image_size < 16:
+            raise ValueError(f"toy image_size must be at least 16 pixels, got {self.image_size}")
+
     def group_sizes(self) -> dict[str, list[int]]:
         """Images per group per split: Waterbirds' sizes times ``scale``, at least 2 per group."""
         return {s: [max(2, int(round(n * self.scale))) for n in sizes] for s, sizes in WATERBIRDS_GROUP_SIZES.items()}

@@ -169,11 +169,27 @@ def append_rows(rows: Iterable[dict[str, Any]], path: Path, dedupe: bool = False
                 continue
             seen.add(ident)
             lines.append(json.dumps(row, sort_keys=True, default=_json_default) + "\n")
+        if lines and _ends_mid_line(path):  # a killed writer left half a line: never glue a row onto it
+            log.warning("%s ended in a partial line (an interrupted write); the next row starts a new line", path)
+            lines[0] = "\n" + lines[0]
         with open(path, "a", encoding="utf-8") as f:
             f.write("".join(lines))
             f.flush()
             os.fsync(f.fileno())
     return len(lines)
+
+
+def _ends_mid_line(path: Path) -> bool:
+    """Whether a non-empty file's last byte is not a newline."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
 
 
 def _json_default(obj: Any) -> Any:
@@ -188,17 +204,64 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"cannot serialise {type(obj).__name__}")
 
 
+_WARNED: set[tuple] = set()  # (file, what) already warned about in this process: each warning once
+
+
+def _warn_once(path: Path, what: str, lines: list[tuple[int, str]], unit: str = "line") -> None:
+    """One warning naming ``lines`` (``(number, why)``) of ``path``, the first time this process meets them."""
+    key = (str(path), what, tuple(lines))
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    shown = "; ".join(f"{unit} {n}: {why}" for n, why in lines[:5]) + (" ..." if len(lines) > 5 else "")
+    log.warning("%s: %d %s(s) %s (%s)", path, len(lines), unit, what, shown)
+
+
+REQUIRED_FIELDS = ("method", "seed", "dataset", "model", "pretrained", "metrics")
+
+
+def _migrate(row: Any, path: Path) -> tuple[dict[str, Any] | None, str]:
+    """A row of an older schema brought to the current one where that is unambiguous: ``(row, "")``, or
+    ``(None, why)`` when it cannot be (not an object, a required field missing, metrics not per split)."""
+    if not isinstance(row, dict):
+        return None, f"a JSON {type(row).__name__}, not a result row"
+    missing = [k for k in REQUIRED_FIELDS if k not in row]
+    if missing:
+        return None, f"lacks {', '.join(missing)}"
+    if not isinstance(row["metrics"], dict) or not all(isinstance(m, dict) for m in row["metrics"].values()):
+        return None, "its metrics are not a mapping of split to metrics"
+    row = dict(row)
+    if "experiment" not in row:  # older rows: the file is named after its experiment
+        row["experiment"] = path.stem
+    if "options_hash" not in row:  # older rows: the hash is a function of the options they store
+        if not isinstance(row.get("options"), dict):
+            return None, "lacks options_hash and options"
+        row["options_hash"] = stable_hash(row["options"], 10)
+    return row, ""
+
+
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """All rows of one JSONL file; a truncated last line (interrupted write) is skipped with a warning."""
-    rows = []
+    """All rows of one JSONL file, brought to the current schema where unambiguous (:func:`_migrate`).
+
+    A line that is not valid JSON (an interrupted write) or not a result row is skipped; each file's skipped
+    lines are named in one warning, once per process."""
+    rows, skipped = [], []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                raw = json.loads(line)
             except json.JSONDecodeError:
-                log.warning("%s:%d is not valid JSON (interrupted write?); skipped", path, lineno)
+                skipped.append((lineno, "not valid JSON (an interrupted write?)"))
+                continue
+            row, why = _migrate(raw, Path(path))
+            if row is None:
+                skipped.append((lineno, why))
+            else:
+                rows.append(row)
+    if skipped:
+        _warn_once(Path(path), "skipped", skipped)
     return rows
 
 
@@ -229,23 +292,29 @@ def load_results(
         p = Path(item) if str(item).endswith(".jsonl") else results_path(str(item), results_dir)
         if not p.is_file():
             raise FileNotFoundError(f"no results at {p}; run the experiment notebook first")
-        records += [flatten_row(row) for row in read_rows(p)]
+        rows = read_rows(p)
+        stale = [(i, why) for i, why in enumerate(_stale_options(r) for r in rows) if why]
+        if stale:  # their setting cannot be named, so no table mixes them in
+            _warn_once(p, "left out of tables", [(i + 1, why) for i, why in stale], unit="row")
+        gone = {i for i, _ in stale}
+        records += [flatten_row(row) for i, row in enumerate(rows) if i not in gone]
     df = pd.DataFrame.from_records(records)
     if df.empty:
         return df
-    df = df[[_current_schema(m, o) for m, o in zip(df["method"], df["options"])]] if "options" in df else df
     return df.drop_duplicates(subset=list(KEY_FIELDS), keep="last").reset_index(drop=True)
 
 
-def _current_schema(method: str, options: Any) -> bool:
-    """Whether every option of a row is one ``method`` still has (unknown methods and non-dict options: kept)."""
+def _stale_options(row: dict[str, Any]) -> str:
+    """Why a row's options cannot be named today (an option the method no longer has), or ``""``."""
     import dataclasses
 
     from calib.methods import REGISTRY
 
+    method, options = row.get("method"), row.get("options")
     if method not in REGISTRY or not isinstance(options, dict):
-        return True
-    return set(options) <= {f.name for f in dataclasses.fields(REGISTRY[method].Options)}
+        return ""
+    gone = sorted(set(options) - {f.name for f in dataclasses.fields(REGISTRY[method].Options)})
+    return f"{method} has no option(s) {gone} any more" if gone else ""
 
 
 def select_rows(

@@ -15,7 +15,9 @@
     python -m calib report notebooks [--repository OWNER/NAME]
     python -m calib realism --dataset toy --model calib-toy-vit --pretrained toy [--json]
 
-Exit status: 0 on success, 2 on bad input (wrong layout, unknown name), with one clear message.
+Exit status: 0 on success, 2 on bad input (wrong layout, unknown name, an argument out of its range), with one
+clear message; 130 on Ctrl-C, with one line.  Start-up imports neither torch nor scikit-learn: each command imports
+what it uses, so ``--help``, ``list methods`` and ``data check`` answer at once.
 """
 
 from __future__ import annotations
@@ -23,12 +25,96 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import shlex
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from calib.core.logs import setup_logging
 
 log = logging.getLogger("calib.experiments.cli")
+
+
+# -- arguments checked at parsing, each message naming its argument ------------------------------------------------
+
+Check = Callable[[Any], "str | None"]  # value -> what is wrong with it (None: fine)
+
+
+class _Checked(argparse.Action):
+    """Store an argument's value(s) after ``check``: a bad value stops at parsing with one line naming the argument
+    (``--batch-size must be >= 1, got 0``), not deep inside a command (``range() arg 3 must not be zero``)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, check: Check, **kwargs: Any):
+        super().__init__(option_strings, dest, **kwargs)
+        self.check = check
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        for value in values if isinstance(values, list) else [values]:
+            problem = self.check(value)
+            if problem:
+                parser.error(f"{option_string or self.dest} {problem}")
+        setattr(namespace, self.dest, values)
+
+
+def _at_least(low: int) -> Check:
+    """An integer count or index: ``>= low`` (seeds: ``low=0``, where numpy's own message names no argument)."""
+    what = "a non-negative integer" if low == 0 else f">= {low}"
+    return lambda v: None if v >= low else f"must be {what}, got {v}"
+
+
+def _positive(v: float) -> str | None:
+    return None if math.isfinite(v) and v > 0 else f"must be a finite number > 0, got {v}"
+
+
+def _toy_scale(v: float) -> str | None:
+    # the toy's group sizes are Waterbirds' times scale: 0 or less used to give the 2-per-group floor silently
+    return None if 0 < v <= 1 else f"must be in (0, 1] (a fraction of Waterbirds' group sizes), got {v}"
+
+
+def _folder(v: str) -> str | None:
+    path = Path(v).expanduser()
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is a file" if existing == path else f"lies inside {existing}, which is a file"
+        return f"{v} {where}; it must be a folder"
+    return None
+
+
+def _device(v: str) -> str | None:
+    """A device torch knows and this machine has: ``--device cuda`` without a GPU used to fail while loading the
+    weights, and the message blamed the weights file."""
+    import torch  # only when --device is given; every command that takes it imports torch anyway
+
+    try:
+        device = torch.device(v)
+    except (RuntimeError, ValueError):
+        return f"{v!r} is not a device torch knows; use cpu, cuda or cuda:N"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"{v}: no CUDA GPU is visible (torch.cuda.is_available() is False); use --device cpu"
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            return (
+                f"{v}: only {count} CUDA GPU(s) visible (cuda:0 to cuda:{count - 1}); use one of them or --device cpu"
+            )
+    return None
+
+
+def _check_dataset(name: str, extra: tuple[str, ...] = ()) -> None:
+    """An unknown ``--dataset`` before any work, listing every name the command accepts (the toys included)."""
+    from calib.data import known_datasets
+
+    known = [*extra, *known_datasets()]
+    if name not in known:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(known)}")
 
 
 def _cmd_realism(args: argparse.Namespace) -> int:
@@ -36,6 +122,7 @@ def _cmd_realism(args: argparse.Namespace) -> int:
     from calib.studies.realism import realism_report, realism_table
     from calib.studies.testbed import make_testbed
 
+    _check_dataset(args.dataset, extra=("testbed",))
     if args.dataset == "testbed":
         features = make_testbed()
     else:
@@ -62,11 +149,15 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from calib.data import LOADERS, DatasetLayoutError, load_dataset
+    from calib.data import DatasetLayoutError, load_dataset
 
-    if args.dataset not in LOADERS:
-        raise ValueError(f"unknown dataset {args.dataset!r}; known: {sorted(LOADERS)}")
     ds = load_dataset(args.dataset, Path(args.root), check_files=True)
+    try:  # the layout is fine, but every method would stop on these labels: say so, and why
+        ds.check()
+        label_problem = ""
+    except ValueError as err:
+        label_problem = str(err)
+        print(f"warning: {label_problem}; methods stop on these features unless allow_partial", file=sys.stderr)
     if args.decode:
         bad = ds.undecodable(progress=not args.json)
         if bad:
@@ -87,6 +178,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
                     "layout": ds.extra.get("layout"),
                     "decoded": bool(args.decode),
                     "ok": True,
+                    "labels_ok": not label_problem,
+                    **({"label_problem": label_problem} if label_problem else {}),
                     "splits": {
                         s: {"n": int(sum(c)), "groups": dict(zip(ds.group_names, c))} for s, c in counts.items()
                     },
@@ -109,21 +202,66 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_list_methods(args: argparse.Namespace) -> int:
-    from calib.methods import LABEL_MARKS, describe_methods
+def method_registry() -> dict[str, Any]:
+    """:func:`calib.methods.describe_methods` (as JSON: tuples become lists) with the label marks and their legend,
+    read from a cache keyed by :func:`calib.core.hashing.code_hash`.
 
-    methods = describe_methods()
+    Importing the methods imports torch and scikit-learn (seconds); their description only changes with calib's
+    code, so it is cached per code hash: any edit of the package gives a new key, and the first ``list methods``
+    after it describes the methods afresh by importing them.
+    """
+    from calib.core import paths
+    from calib.core.hashing import code_hash
+
+    path = paths.cache_dir() / "methods" / f"registry-{code_hash()}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass  # not described yet by this code (or unreadable): import the methods
+    from calib.methods import LABEL_LEGEND, LABEL_MARKS, describe_methods
+
+    registry = json.loads(
+        json.dumps({"methods": describe_methods(), "marks": LABEL_MARKS, "legend": LABEL_LEGEND}, default=str)
+    )
+    try:
+        from calib.core.files import atomic_write_bytes
+
+        atomic_write_bytes(path, json.dumps(registry, indent=1).encode())
+    except OSError as err:  # a read-only cache costs start-up time only
+        log.debug("method registry not cached at %s: %s", path, err)
+    return registry
+
+
+def option_value(value: Any) -> str:
+    """An option's value as ``--option KEY=VALUE`` takes it (what :func:`calib.methods.base.coerce_option` parses
+    back to the same value)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return ",".join(option_value(v) for v in value) if value else "[]"
+    return str(value)
+
+
+def _cmd_list_methods(args: argparse.Namespace) -> int:
+    registry = method_registry()
     if args.json:
-        print(json.dumps(methods, indent=2, default=str))
+        print(json.dumps(registry["methods"], indent=2))
         return 0
-    for m in methods:
+    print("Each method's options at their defaults, as `calib evaluate` takes them (--option KEY=VALUE, repeatable).")
+    for m in registry["methods"]:
         print(
-            f"{m['name']}{LABEL_MARKS[m['label_needs']]}  "
+            f"{m['name']}{registry['marks'][m['label_needs']]}  "
             f"[group labels: {m['label_needs']}; uses: {', '.join(m['uses'])}]"
         )
         print(f"    {m['summary']}")
-        for k, v in m["options"].items():
-            print(f"    --{k} (default {v!r})")
+        for k, spec in m["option_specs"].items():
+            each = "each " if spec["type"].startswith(("tuple", "list")) else ""
+            kind = spec["type"] + (f", {each}{spec['range']}" if spec["range"] else "")
+            pair = shlex.quote(f"{k}={option_value(spec['default'])}")
+            print(f"    --option {pair}  ({kind})")
+    print(registry["legend"])
     return 0
 
 
@@ -178,8 +316,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from calib.clip.npz import load_npz
     from calib.methods import run_method
 
-    feats = load_npz(Path(args.embeddings))
-    run = run_method(args.method, feats, seed=args.seed, options=_parse_options(args.option))
+    feats = load_npz(Path(args.embeddings), allow_partial=args.allow_partial)
+    run = run_method(
+        args.method, feats, seed=args.seed, options=_parse_options(args.option), allow_partial=args.allow_partial
+    )
+    if run.partial:
+        log.warning("partial evaluation (asked for): missing per split %s", run.partial)
     if args.json:
         print(
             json.dumps(
@@ -191,6 +333,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                     "options": run.options,
                     "seconds": run.seconds,
                     "metrics": run.metrics,
+                    **({"partial_evaluation": run.partial} if run.partial else {}),
                 },
                 indent=2,
                 default=str,
@@ -221,6 +364,7 @@ def _cmd_bench_methods(args: argparse.Namespace) -> int:
 
     from calib.experiments.bench import synthetic_features, time_methods
 
+    _check_dataset(args.dataset, extra=("synthetic",))
     if args.dataset == "synthetic":
         feats = synthetic_features(args.d_h, args.d)
     else:
@@ -246,6 +390,7 @@ def _cmd_bench_methods(args: argparse.Namespace) -> int:
 def _cmd_bench_tpt(args: argparse.Namespace) -> int:
     from calib.experiments.bench import time_tpt
 
+    _check_dataset(args.dataset)
     r = time_tpt(args.model, args.pretrained, args.dataset, args.images, args.views, args.device)
     print(
         f"TPT on {r['device']} ({r['threads']} threads), {r['model']} ({r['pretrained']}), {r['views']} views: "
@@ -341,21 +486,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     mk = data.add_parser("make-toy", help="write the built-in toy benchmark (Waterbirds layout)")
-    mk.add_argument("--root", required=True, help="folder to create")
-    mk.add_argument("--scale", type=float, default=1.0, help="multiplies Waterbirds' group sizes (default 1.0)")
-    mk.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    mk.add_argument("--root", required=True, action=_Checked, check=_folder, help="folder to create")
+    mk.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        action=_Checked,
+        check=_toy_scale,
+        help="multiplies Waterbirds' group sizes, in (0, 1] (default 1.0)",
+    )
+    mk.add_argument(
+        "--seed", type=int, default=0, action=_Checked, check=_at_least(0), help="generator seed (default 0)"
+    )
     mk.add_argument("--overwrite", action="store_true", help="replace an existing toy benchmark")
     mk.set_defaults(func=_cmd_make_toy)
     ck = data.add_parser("check", help="validate a dataset's on-disk layout and print group counts")
     ck.add_argument("--dataset", required=True, help="dataset name, e.g. waterbirds")
-    ck.add_argument("--root", required=True, help="dataset folder")
+    ck.add_argument("--root", required=True, action=_Checked, check=_folder, help="dataset folder")
     ck.add_argument("--json", action="store_true", help="machine-readable output")
     ck.add_argument("--decode", action="store_true", help="also decode every image (slow; finds corrupted files)")
     ck.set_defaults(func=_cmd_check)
 
     dl = data.add_parser("download", help="download and extract a dataset with a public source (waterbirds)")
     dl.add_argument("--dataset", required=True)
-    dl.add_argument("--root", required=True, help="folder to create")
+    dl.add_argument("--root", required=True, action=_Checked, check=_folder, help="folder to create")
     dl.add_argument("--source", default=None, help="URL or local file instead of the official source (mirrors)")
     dl.add_argument("--sha256", default=None, help="expected sha256 of the archive")
     dl.set_defaults(func=_cmd_download)
@@ -371,29 +525,49 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("extract", help="extract and cache features of a dataset's splits")
     ex.add_argument("--dataset", required=True, help="toy, toy-quick, or a dataset name (waterbirds, ...)")
-    ex.add_argument("--root", default=None, help="dataset folder (default <CALIB_DATA_DIR>/<dataset>)")
+    ex.add_argument(
+        "--root",
+        default=None,
+        action=_Checked,
+        check=_folder,
+        help="dataset folder (default <CALIB_DATA_DIR>/<dataset>)",
+    )
     ex.add_argument("--model", required=True, help="open_clip model name, e.g. RN50, ViT-L-14, calib-toy-vit")
     ex.add_argument("--pretrained", required=True, help="open_clip tag, checkpoint file, local-dir:<folder>, toy")
     ex.add_argument("--split", action="append", help="split(s) to extract (default: all)")
-    ex.add_argument("--batch-size", type=int, default=256)
-    ex.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: cores - 1)")
-    ex.add_argument("--device", default=None, help="cuda / cpu (default: cuda when present)")
+    ex.add_argument("--batch-size", type=int, default=256, action=_Checked, check=_at_least(1))
+    ex.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        action=_Checked,
+        check=_at_least(0),
+        help="DataLoader workers (default: cores - 1)",
+    )
+    ex.add_argument(
+        "--device", default=None, action=_Checked, check=_device, help="cuda / cpu (default: cuda when present)"
+    )
     ex.set_defaults(func=_cmd_extract)
 
     ev = sub.add_parser("evaluate", help="run a method on your own embeddings (DFR npz layout) and print metrics")
     ev.add_argument("--embeddings", required=True, help="npz with embeddings_/y_/g_ + train (optional), val, test")
     ev.add_argument("--method", required=True, help="a method from `python -m calib list methods`")
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--seed", type=int, default=0, action=_Checked, check=_at_least(0))
     ev.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option override (repeatable)")
+    ev.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="let a split lack a class or group of the training split (worst group over those present; reported)",
+    )
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=_cmd_evaluate)
 
     xp = sub.add_parser("export", help="write cached features as an embeddings npz (DFR layout)")
     xp.add_argument("--dataset", required=True)
-    xp.add_argument("--root", default=None)
+    xp.add_argument("--root", default=None, action=_Checked, check=_folder)
     xp.add_argument("--model", required=True)
     xp.add_argument("--pretrained", required=True)
-    xp.add_argument("--device", default=None)
+    xp.add_argument("--device", default=None, action=_Checked, check=_device)
     xp.add_argument("--out", required=True, help="output .npz path")
     xp.set_defaults(func=_cmd_export)
 
@@ -402,12 +576,19 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--dataset", default="synthetic", help="'synthetic' (Waterbirds-sized) or a dataset name")
     bm.add_argument("--model", default="calib-toy-vit")
     bm.add_argument("--pretrained", default="toy")
-    bm.add_argument("--d-h", type=int, default=1024, help="synthetic pre-projection dims")
-    bm.add_argument("--d", type=int, default=768, help="synthetic embedding dims")
-    bm.add_argument("--method", action="append", help="method(s) to time (default: all)")
-    bm.add_argument("--seeds", type=int, nargs="+", default=[0])
     bm.add_argument(
-        "--epochs", type=int, default=None, help="epochs of every projection-trained method (default: its own)"
+        "--d-h", type=int, default=1024, action=_Checked, check=_at_least(1), help="synthetic pre-projection dims"
+    )
+    bm.add_argument("--d", type=int, default=768, action=_Checked, check=_at_least(1), help="synthetic embedding dims")
+    bm.add_argument("--method", action="append", help="method(s) to time (default: all)")
+    bm.add_argument("--seeds", type=int, nargs="+", default=[0], action=_Checked, check=_at_least(0))
+    bm.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        action=_Checked,
+        check=_at_least(1),
+        help="epochs of every projection-trained method (default: its own)",
     )
     bm.add_argument("--no-lanes", action="store_true", help="run the seeds one after another, not as lanes of one pass")
     bm.add_argument("--no-flops", action="store_true", help="skip the FLOP count and the GEMM-peak measurement")
@@ -417,50 +598,78 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--model", default="calib-toy-vit")
     bp.add_argument("--pretrained", default="toy", help="e.g. toy, random:0 (random weights), a tag or a file")
     bp.add_argument("--dataset", default="toy")
-    bp.add_argument("--images", type=int, default=4)
-    bp.add_argument("--views", type=int, default=64)
-    bp.add_argument("--device", default=None)
+    bp.add_argument("--images", type=int, default=4, action=_Checked, check=_at_least(1))
+    bp.add_argument("--views", type=int, default=64, action=_Checked, check=_at_least(1))
+    bp.add_argument("--device", default=None, action=_Checked, check=_device)
     bp.set_defaults(func=_cmd_bench_tpt)
 
     bt = bn.add_parser("throughput", help="feature-extraction images/s, model- and pipeline-bound")
     bt.add_argument("--model", default="RN50")
     bt.add_argument("--pretrained", default="random", help="weights do not change throughput; random is fine")
-    bt.add_argument("--device", default=None)
-    bt.add_argument("--batch-size", type=int, default=64)
-    bt.add_argument("--files", type=int, default=512, help="JPEG files for the pipeline-bound run")
-    bt.add_argument("--num-workers", type=int, default=None)
+    bt.add_argument("--device", default=None, action=_Checked, check=_device)
+    bt.add_argument("--batch-size", type=int, default=64, action=_Checked, check=_at_least(1))
+    bt.add_argument(
+        "--files",
+        type=int,
+        default=512,
+        action=_Checked,
+        check=_at_least(1),
+        help="JPEG files for the pipeline-bound run",
+    )
+    bt.add_argument("--num-workers", type=int, default=None, action=_Checked, check=_at_least(0))
     bt.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on for CUDA)")
-    bt.add_argument("--seconds", type=float, default=10.0, help="duration of the model-bound timing")
+    bt.add_argument(
+        "--seconds",
+        type=float,
+        default=10.0,
+        action=_Checked,
+        check=_positive,
+        help="duration of the model-bound timing",
+    )
     bt.add_argument("--json", action="store_true")
     bt.set_defaults(func=_cmd_bench_throughput)
 
     pl = sub.add_parser("plan", help="what the paper profile would run, and its estimated GPU hours")
     pl.add_argument("--profile", choices=["paper"], default="paper")
-    pl.add_argument("--data-dir", default=".", help="folder holding waterbirds/, celeba/, metashift/, chexpert/")
+    pl.add_argument(
+        "--data-dir",
+        default=".",
+        action=_Checked,
+        check=_folder,
+        help="folder holding waterbirds/, celeba/, metashift/, chexpert/",
+    )
     pl.add_argument("--full-size", action="store_true", help="estimate as if every dataset were present")
     pl.add_argument(
         "--backbones",
         default=None,
         help="comma-separated MODEL:PRETRAINED pairs (default: RN50-quickgelu:openai,ViT-L-14-quickgelu:openai)",
     )
-    pl.add_argument("--seeds", type=int, default=5, help="seeds per method (the paper: 5)")
+    pl.add_argument(
+        "--seeds", type=int, default=5, action=_Checked, check=_at_least(1), help="seeds per method (the paper: 5)"
+    )
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=_cmd_plan)
 
     rl = sub.add_parser("realism", help="how CLIP-like features are: the measures of docs/toy_realism.md")
     rl.add_argument("--dataset", required=True, help="toy, a dataset name, or 'testbed'")
-    rl.add_argument("--root", default=None)
+    rl.add_argument("--root", default=None, action=_Checked, check=_folder)
     rl.add_argument("--model", default="calib-toy-vit")
     rl.add_argument("--pretrained", default="toy")
-    rl.add_argument("--device", default=None)
-    rl.add_argument("--seed", type=int, default=0)
+    rl.add_argument("--device", default=None, action=_Checked, check=_device)
+    rl.add_argument("--seed", type=int, default=0, action=_Checked, check=_at_least(0))
     rl.add_argument("--json", action="store_true")
     rl.set_defaults(func=_cmd_realism)
 
     rep = sub.add_parser("report", help="render results").add_subparsers(dest="report_command", required=True)
     rr = rep.add_parser("readme", help="refresh the generated tables of README.md and docs/*.md")
     rr.add_argument("--dataset", default="toy")
-    rr.add_argument("--root", default=None, help="checkout whose README.md and docs/*.md to refresh (default: this)")
+    rr.add_argument(
+        "--root",
+        default=None,
+        action=_Checked,
+        check=_folder,
+        help="checkout whose README.md and docs/*.md to refresh (default: this)",
+    )
     rr.add_argument(
         "--check", action="store_true", help="refresh nothing; exit 1 if a block differs from its notebook's table"
     )
@@ -471,28 +680,57 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
-    from calib.clip.models import WeightsUnavailableError
-    from calib.core.files import OutputNotWritableError
-    from calib.data import DatasetLayoutError
-    from calib.data.download import DownloadError
+# errors that mean bad input (exit 2, one line), by module: looked up only in modules already imported, because an
+# exception whose module was never imported cannot have been raised, and importing calib.clip.models imports torch
+_INPUT_ERRORS = (
+    ("calib.data.base", "DatasetLayoutError"),
+    ("calib.clip.models", "WeightsUnavailableError"),
+    ("calib.data.download", "DownloadError"),
+    ("calib.core.files", "OutputNotWritableError"),
+)
 
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    loaded = [getattr(sys.modules[m], name, None) for m, name in _INPUT_ERRORS if m in sys.modules]
+    return (ValueError, FileNotFoundError, *(c for c in loaded if isinstance(c, type)))  # incl. EmbeddingsFileError
+
+
+def _command(args: argparse.Namespace | None) -> str:
+    """``calib bench methods``: the command an interruption stopped."""
+    words = [getattr(args, k, None) for k in ("command", "data_command", "list_command", "bench_command")]
+    words.append(getattr(args, "report_command", None))
+    return " ".join(["calib", *(w for w in words if w)])
+
+
+def _interrupted(args: argparse.Namespace | None) -> int:
+    """One line for Ctrl-C instead of a traceback of the library frames that happened to run."""
+    tqdm = sys.modules.get("tqdm.std")
+    if tqdm is not None and getattr(tqdm.tqdm, "_instances", None):
+        sys.stderr.write("\n")  # an open progress bar holds the cursor at the end of its line
+    print(
+        f"interrupted: {_command(args)} stopped; work already finished is kept (feature caches and result rows "
+        "are written atomically), so running it again resumes",
+        file=sys.stderr,
+    )
+    return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = None
     try:
-        return args.func(args)
-    except (
-        DatasetLayoutError,
-        WeightsUnavailableError,
-        DownloadError,
-        OutputNotWritableError,
-        ValueError,
-        FileNotFoundError,
-    ) as err:  # incl. EmbeddingsFileError
-        if getattr(args, "json", False):
-            print(json.dumps({"ok": False, "error": str(err)}))
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        args = build_parser().parse_args(argv)
+        setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+        try:
+            return args.func(args)
+        except Exception as err:
+            if not isinstance(err, _input_errors()):
+                raise
+            if getattr(args, "json", False):
+                print(json.dumps({"ok": False, "error": str(err)}))
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    except KeyboardInterrupt:
+        return _interrupted(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

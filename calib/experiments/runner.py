@@ -84,10 +84,14 @@ def run_experiment(
     reuse: bool = True,
     results_dir: Path | None = None,
     context: RunContext | None = None,
+    allow_partial: bool = False,
 ) -> pd.DataFrame:
     """Run every (method, seed), append one result row each, and return the rows as a DataFrame.
 
-    ``context`` (the dataset and the loaded CLIP) is what methods working on images need (TPT).
+    ``context`` (the dataset and the loaded CLIP) is what methods working on images need (TPT).  Each row is
+    appended when its pass ends; after an interruption (Ctrl-C, kill -9) a rerun computes only the missing rows.
+    ``allow_partial`` lets a validation or test split lack a class or group of the training split (each row then
+    records what was missing in ``partial_evaluation``); without it such features stop with one error.
 
     With ``reuse`` (default) a (method, seed, options) whose row already exists for the same
     features (weights fingerprint, dataset version) and the same calib source code is not run again:
@@ -120,20 +124,15 @@ def run_experiment(
         if _reuse_key(method, seed, options, features) not in stored:
             pending.setdefault(trajectory(method, seed, options), (method, seed, overrides))
     trained: dict[tuple, MethodRun] = {}
-    by_method: dict[str, list[tuple]] = {}
-    for traj, (method, _, _) in pending.items():
-        by_method.setdefault(method, []).append(traj)
-    for method, trajs in by_method.items():  # seeds and settings that can share a pass train as its lanes
-        seeds, overrides = [pending[t][1] for t in trajs], [pending[t][2] for t in trajs]
-        runs = run_methods(method, features, seeds, overrides, context=context)
-        trained.update(zip(trajs, runs))
-    rows = []
-    for variant, method, _, seed, options in tasks:
-        key = _reuse_key(method, seed, options, features)
-        if key in stored:
+    reused = {i for i, t in enumerate(tasks) if _reuse_key(t[1], t[3], t[4], features) in stored}
+    rows: dict[int, dict] = {}  # task index -> its row, made as soon as its run is stored or trained
+    saved = 0
+
+    def row_for(i: int) -> dict:
+        variant, method, _, seed, options = tasks[i]
+        if i in reused:
             log.info("%s seed %d: reusing the stored result row (same features, options and code)", variant, seed)
-            rows.append({**stored[key], "variant": variant})
-            continue
+            return {**stored[_reuse_key(method, seed, options, features)], "variant": variant}
         traj = trajectory(method, seed, options)
         run = trained[traj]
         wanted = options.get("selection")
@@ -143,38 +142,79 @@ def run_experiment(
             run.lanes = trained[traj].lanes = lanes
             trained[traj] = run
             log.info("%s seed %d: selection %s from the same training run", variant, seed, wanted)
-        selected = next((r["epoch"] for r in run.history if r.get("selected")), None)
-        rows.append(
-            make_row(
-                experiment=spec.experiment,
-                method=method,
-                dataset=features.meta.get("dataset", "?"),
-                model=features.meta.get("model", "?"),
-                pretrained=features.meta.get("pretrained", "?"),
-                seed=seed,
-                options=run.options,
-                metrics=run.metrics,
-                device=features.meta.get("device", "cpu"),
-                extra={
-                    "variant": variant,
-                    "label_needs": run.label_needs,
-                    "seconds": run.seconds,
-                    "lanes": run.lanes,
-                    "epochs_run": len(run.history),
-                    "selected_epoch": selected,
-                    "group_names": features.group_names,
-                    "weights": features.meta.get("weights"),
-                    "dataset_version": features.meta.get("dataset_version"),
-                    "code": code_hash(),
-                    "calibration_groups": getattr(run.instance, "calibration_groups", None),
-                    "correct": _correct_bits(run, features),
-                    **({"history": [dict(r) for r in run.history]} if spec.history else {}),
-                },
+        return _make_row(spec, variant, method, seed, run, features)
+
+    def save_ready() -> None:
+        """Make (and append) the row of every task whose run is now stored or trained: a row is saved the moment
+        its pass ends, so an interruption loses at most the pass in progress."""
+        nonlocal saved
+        for i, (_, method, _, seed, options) in enumerate(tasks):
+            if i in rows or (i not in reused and trajectory(method, seed, options) not in trained):
+                continue
+            rows[i] = row_for(i)
+            if write and i not in reused:  # dedupe: another process may have just written this run
+                saved += append_rows([rows[i]], path, dedupe=reuse)
+
+    by_method: dict[str, list[tuple]] = {}
+    for traj, (method, _, _) in pending.items():
+        by_method.setdefault(method, []).append(traj)
+    try:
+        save_ready()
+        for method, trajs in by_method.items():  # seeds and settings that can share a pass train as its lanes
+            seeds, overrides = [pending[t][1] for t in trajs], [pending[t][2] for t in trajs]
+
+            def finished(done: dict[int, MethodRun], trajs: list[tuple] = trajs) -> None:
+                trained.update({trajs[i]: run for i, run in done.items()})
+                save_ready()
+
+            run_methods(
+                method, features, seeds, overrides, context=context, on_pass=finished, allow_partial=allow_partial
             )
+    except KeyboardInterrupt:
+        log.warning(
+            "%s interrupted: %d of %d row(s) are saved in %s (%d stored before, %d written now); "
+            "a rerun computes only the rest",
+            spec.experiment,
+            len(reused) + saved,
+            len(tasks),
+            path if write else "(nothing: write=False)",
+            len(reused),
+            saved,
         )
-        if write:  # one row at a time: an interrupted experiment resumes where it stopped
-            append_rows([rows[-1]], path, dedupe=reuse)  # another process may have just written this run
-    return pd.DataFrame.from_records([flatten_row(r) for r in rows])
+        raise
+    return pd.DataFrame.from_records([flatten_row(rows[i]) for i in range(len(tasks))])
+
+
+def _make_row(spec: RunSpec, variant: str, method: str, seed: int, run: MethodRun, features: FeatureSet) -> dict:
+    """The result row of one (variant, seed) run on ``features``."""
+    selected = next((r["epoch"] for r in run.history if r.get("selected")), None)
+    return make_row(
+        experiment=spec.experiment,
+        method=method,
+        dataset=features.meta.get("dataset", "?"),
+        model=features.meta.get("model", "?"),
+        pretrained=features.meta.get("pretrained", "?"),
+        seed=seed,
+        options=run.options,
+        metrics=run.metrics,
+        device=features.meta.get("device", "cpu"),
+        extra={
+            "variant": variant,
+            "label_needs": run.label_needs,
+            "seconds": run.seconds,
+            "lanes": run.lanes,
+            "epochs_run": len(run.history),
+            "selected_epoch": selected,
+            "group_names": features.group_names,
+            "weights": features.meta.get("weights"),
+            "dataset_version": features.meta.get("dataset_version"),
+            "code": code_hash(),
+            "calibration_groups": getattr(run.instance, "calibration_groups", None),
+            "correct": _correct_bits(run, features),
+            **({"partial_evaluation": run.partial} if run.partial else {}),
+            **({"history": [dict(r) for r in run.history]} if spec.history else {}),
+        },
+    )
 
 
 def _correct_bits(run, features: FeatureSet) -> dict[str, str]:

@@ -11,7 +11,7 @@ from sklearn.cluster import KMeans
 from torch import nn
 
 from calib.clip.features import FeatureSet, SplitFeatures
-from calib.methods.base import Method, register
+from calib.methods.base import Method, option, register
 from calib.methods.heads import normalize, zero_shot_logits
 from calib.methods.lanes import LaneModule
 from calib.methods.losses import info_nce
@@ -57,14 +57,15 @@ class Adapter(LaneModule):
 
 @dataclass
 class AdapterOptions(ProjectionOptions):
-    hidden_ratio: float = 0.25  # bottleneck width as a fraction of the embedding size
-    hard_fraction: float = 0.2  # anchors: this fraction of training samples farthest from their class prompt
-    positives: int = 4  # nearest same-class samples per anchor (plus the class prompt)
-    negatives: int = 16  # nearest other-class samples per anchor (plus the other prompts)
-    temperature: float = 0.1  # InfoNCE temperature
-    lr: float = 1e-3  # Adam learning rate
-    weight_decay: float = 1e-4  # Adam weight decay
-    epochs: int = 20  # passes over the anchors
+    hidden_ratio: float = option(0.25, gt=0)  # bottleneck width as a fraction of the embedding size
+    # anchors: this fraction of training samples farthest from their class prompt
+    hard_fraction: float = option(0.2, gt=0, le=1)
+    positives: int = option(4, ge=1)  # nearest same-class samples per anchor (plus the class prompt)
+    negatives: int = option(16, ge=1)  # nearest other-class samples per anchor (plus the other prompts)
+    temperature: float = option(0.1, gt=0)  # InfoNCE temperature
+    lr: float = option(1e-3, gt=0)  # Adam learning rate
+    weight_decay: float = option(1e-4, ge=0)  # Adam weight decay
+    epochs: int = option(20, ge=1)  # passes over the anchors
     selection: str = "val_worst_class"  # no group labels by default
 
 
@@ -137,12 +138,12 @@ UMFC_MODES = {"train-fit": "train", "transductive": "test"}  # mode -> split the
 
 @dataclass
 class UMFCOptions:
-    n_clusters: int = 4  # K k-means clusters (fixed a priori; never tuned on test)
+    n_clusters: int = option(4, ge=1)  # K k-means clusters (fixed a priori; never tuned on test)
     alpha: float = 0.9  # weight of the cluster's mean zero-shot logits subtracted (UMFC release default)
     beta: float = 0.3  # weight of the text-prototype shift (UMFC release default)
     mode: str = "train-fit"  # "train-fit": clusters fit on the training images, a test image takes the nearest
     #                          centroid; "transductive": clusters fit on the test images themselves
-    max_iter: int = 500  # k-means iterations (the release's preprocess_cluster.py)
+    max_iter: int = option(500, ge=1)  # k-means iterations (the release's preprocess_cluster.py)
 
 
 def umfc_text_shift(z: np.ndarray, labels: np.ndarray, n_clusters: int) -> np.ndarray:

@@ -18,16 +18,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import operator
 import time
 import types
 import typing
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import numpy as np
 
 from calib.clip.features import FeatureSet, SplitFeatures
+from calib.core.checks import check_labels, check_norms
 from calib.core.metrics import evaluate
 from calib.core.runtime import seed_everything
 
@@ -186,12 +188,64 @@ def coerce_option(hint: Any, value: Any) -> Any:
     return value
 
 
+def option(
+    default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None
+) -> Any:
+    """A field of an ``Options`` dataclass with ``default`` and the range its values must lie in (a tuple option:
+    each item).  ``ge``/``gt``: lower bound (inclusive / exclusive); ``le``/``lt``: upper bound.  The range lives in
+    the field's metadata, so it changes neither the options' values nor their hash (``dataclasses.asdict``)."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    if ("ge" in bounds and "gt" in bounds) or ("le" in bounds and "lt" in bounds):
+        raise ValueError(f"give one lower and one upper bound at most, got {bounds}")
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("a mutable default needs default_factory; use a tuple")
+    return dataclasses.field(default=default, metadata={"range": bounds} if bounds else {})
+
+
+def describe_range(bounds: dict[str, float]) -> str:
+    """``{"ge": 0, "lt": 1}`` -> ``"in [0, 1)"``; ``{"ge": 1}`` -> ``">= 1"``; ``{}`` -> ``""``."""
+    low = next(((k, v) for k, v in bounds.items() if k in ("ge", "gt")), None)
+    high = next(((k, v) for k, v in bounds.items() if k in ("le", "lt")), None)
+    if low and high:
+        return f"in {'[' if low[0] == 'ge' else '('}{low[1]:g}, {high[1]:g}{']' if high[0] == 'le' else ')'}"
+    symbols = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    return " and ".join(f"{symbols[pair[0]]} {pair[1]:g}" for pair in (low, high) if pair)
+
+
+_COMPARE = {"ge": operator.ge, "gt": operator.gt, "le": operator.le, "lt": operator.lt}
+
+
+def in_range(value: Any, bounds: dict[str, float]) -> bool:
+    """Whether ``value`` (a number, ``None`` or a tuple of numbers) lies in ``bounds``; ``None`` always does
+    (it means "not set"), NaN never does (every comparison with it is false)."""
+    if value is None:
+        return True
+    if isinstance(value, (tuple, list)):
+        return all(in_range(v, bounds) for v in value)
+    return all(_COMPARE[k](value, b) for k, b in bounds.items())
+
+
+def option_ranges(options_cls: type) -> dict[str, dict[str, float]]:
+    """``{option: bounds}`` of the options of ``options_cls`` that declare a range (see :func:`option`)."""
+    return {f.name: dict(f.metadata["range"]) for f in fields(options_cls) if f.metadata.get("range")}
+
+
+def check_option_ranges(name: str, options: Any) -> None:
+    """Raise ``ValueError`` naming the option, its range and the value when an option of method ``name`` lies
+    outside its declared range: caught here, before any fitting, instead of deep inside a method."""
+    for key, bounds in option_ranges(type(options)).items():
+        value = getattr(options, key)
+        if not in_range(value, bounds):
+            each = " (each item)" if isinstance(value, (tuple, list)) else ""
+            raise ValueError(f"option {key!r} of method {name!r} must be {describe_range(bounds)}{each}, got {value!r}")
+
+
 def make_options(name: str, overrides: dict[str, Any] | None = None) -> Any:
     """The ``Options`` of method ``name`` with ``overrides`` applied.
 
     Unknown keys are an error; each value is converted to the option's declared type (strings such as
     ``"3"`` or ``"true"`` from the command line are parsed), and a value that does not fit names the option
-    and the type it expects.
+    and the type it expects; a value outside the option's declared range (:func:`option`) names the range.
     """
     cls = get_method_class(name)
     overrides = dict(overrides or {})
@@ -207,7 +261,9 @@ def make_options(name: str, overrides: dict[str, Any] | None = None) -> Any:
             raise ValueError(
                 f"option {key!r} of method {name!r} expects {_type_name(hints[key])}, got {value!r}"
             ) from None
-    return cls.Options(**overrides)
+    options = cls.Options(**overrides)
+    check_option_ranges(name, options)
+    return options
 
 
 def get_method_class(name: str) -> type[Method]:
@@ -223,13 +279,30 @@ def create(name: str, **overrides: Any) -> Method:
 
 
 def describe_methods() -> list[dict[str, Any]]:
-    """Name, label needs (with default options), used arrays, summary and options of every method."""
+    """Name, label needs (with default options), used arrays, summary and options of every method.
+
+    ``options``: ``{option: default}``; ``option_specs``: ``{option: {"default", "type", "range"}}`` with the
+    declared type (``"int"``, ``"tuple[float, ...]"``) and range (``">= 1"``, ``"in [0, 1)"``, ``""``: any).
+    """
     out = []
     for name, cls in sorted(REGISTRY.items()):
+        hints = typing.get_type_hints(cls.Options)
+        ranges = option_ranges(cls.Options)
         opts = {f.name: f.default if f.default is not dataclasses.MISSING else None for f in fields(cls.Options)}
+        specs = {
+            k: {"default": v, "type": _type_name(hints.get(k, Any)), "range": describe_range(ranges.get(k, {}))}
+            for k, v in opts.items()
+        }
         needs = cls(cls.Options()).required_labels()
         out.append(
-            {"name": name, "label_needs": needs, "uses": list(cls.uses), "summary": cls.summary, "options": opts}
+            {
+                "name": name,
+                "label_needs": needs,
+                "uses": list(cls.uses),
+                "summary": cls.summary,
+                "options": opts,
+                "option_specs": specs,
+            }
         )
     return out
 
@@ -248,6 +321,23 @@ class MethodRun:
     history: list[dict]
     instance: Method
     lanes: int = 1  # runs fitted together in its pass (seconds is the pass's time / lanes)
+    partial: dict | None = None  # split -> classes / groups it lacks, when a partial evaluation was allowed
+
+
+def check_feature_set(data: FeatureSet, allow_partial: bool = False) -> dict[str, dict[str, list[int]]]:
+    """Check a feature set where it enters a method: no empty split, every class and group of the training
+    split in the others (unless ``allow_partial``: then returned per split), labels within the training split's,
+    no feature row 1000x its split's median norm (:mod:`calib.core.checks`)."""
+    source = data.meta.get("source") or f"features of {data.meta.get('dataset', '?')} / {data.meta.get('model', '?')}"
+    partial = check_labels(
+        {s: (f.y, f.g) for s, f in data.splits.items()},
+        source,
+        data.class_names,
+        data.group_names,
+        allow_partial=allow_partial,
+    )
+    check_norms({f"{s} {k}": getattr(f, k) for s, f in data.splits.items() for k in ("z", "h")}, source)
+    return partial
 
 
 def check_inputs(name: str, uses: tuple[str, ...], data: FeatureSet) -> None:
@@ -280,13 +370,14 @@ def run_method(
     options: dict[str, Any] | None = None,
     splits: tuple[str, ...] | None = None,
     context: RunContext | None = None,
+    allow_partial: bool = False,
 ) -> MethodRun:
     """Fit method ``name`` on ``data`` with ``seed`` and evaluate it on ``splits`` (default: the method's
     ``eval_splits``, else all present).  Methods that work on images need ``context`` (dataset and model); a
     positive ``max_images`` option evaluates a seeded subsample of that many test samples (:data:`SUBSAMPLE_SEED`:
     the same images for every run seed, so seeds differ only in the method's own randomness and compare on one
-    sample)."""
-    return run_methods(name, data, [seed], [options], splits, context)[0]
+    sample).  ``allow_partial``: see :func:`run_methods`."""
+    return run_methods(name, data, [seed], [options], splits, context, allow_partial=allow_partial)[0]
 
 
 def run_methods(
@@ -296,11 +387,17 @@ def run_methods(
     options: list[dict[str, Any] | None] | None = None,
     splits: tuple[str, ...] | None = None,
     context: RunContext | None = None,
+    on_pass: Callable[[dict[int, MethodRun]], None] | None = None,
+    allow_partial: bool = False,
 ) -> list[MethodRun]:
     """:func:`run_method` for each ``(seeds[i], options[i])``; runs whose options share a
     :meth:`Method.lane_key` are fitted together in one pass (lanes), each with the numbers of its own run.
     A run's ``seconds`` is its pass's time divided by the pass's lanes.  A run fitted alone first seeds the
-    global generators (Python, NumPy, torch) with its seed."""
+    global generators (Python, NumPy, torch) with its seed.  ``on_pass`` is called after each pass with
+    ``{i: run}`` of the runs it finished (:func:`calib.experiments.runner.run_experiment` saves their rows there,
+    so an interruption loses at most the pass in progress).  ``data`` is checked first
+    (:func:`check_feature_set`); ``allow_partial`` lets a split lack a class or group, recorded in each run."""
+    partial = check_feature_set(data, allow_partial)
     options = list(options) if options is not None else [None] * len(seeds)
     if len(options) != len(seeds):
         raise ValueError(f"{len(seeds)} seeds but {len(options)} option sets")
@@ -338,6 +435,9 @@ def run_methods(
         for i in members:
             out[i] = evaluate_instance(methods[i], inputs[i], seeds[i], seconds, splits or methods[i].eval_splits)
             out[i].lanes = len(members)
+            out[i].partial = partial or None
+        if on_pass is not None:
+            on_pass({i: out[i] for i in members})
     return out
 
 

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from calib.clip.features import FeatureSet, SplitFeatures
 from calib.core.metrics import group_accuracy
-from calib.methods.base import register
+from calib.methods.base import option, register
 from calib.methods.diagnostics import direction_weights
 from calib.methods.lanes import lane_cross_entropy, lane_dropout, unit
 from calib.methods.losses import TSCLoss, info_nce, supcon_loss
@@ -83,31 +83,31 @@ class CFROptions:
     """CFR options: defaults are the released settings with the released defects fixed."""
 
     reference: str = "erm"  # reference model: "erm" (CLIP+ERM, default) or "zeroshot"
-    reference_epochs: int = 100  # epochs of the CLIP+ERM reference (same optimiser settings as below)
+    reference_epochs: int = option(100, ge=1)  # epochs of the CLIP+ERM reference (same optimiser settings as below)
     calibration: str = "misclassified"  # calibration rule: "misclassified" or "low_margin"
-    calibration_fraction: float = 0.1  # q, the low-margin fraction (used by "low_margin" only)
-    positives: int = 16  # P positives per anchor
-    negatives: int = 16  # N negatives per anchor
+    calibration_fraction: float = option(0.1, gt=0, le=1)  # q, the low-margin fraction (used by "low_margin" only)
+    positives: int = option(16, ge=1)  # P positives per anchor
+    negatives: int = option(16, ge=1)  # N negatives per anchor
     positive_rule: str = "random"  # "random" (fresh each step) or "nearest" (reference-space neighbours)
     negative_rule: str = "hard"  # "hard" (nearest other-class) or "random_same_class" (as released)
     negative_space: str = "reference"  # where "hard" means nearest: "reference" embeddings or frozen "pre_projection" h
-    temperature: float = 1.0  # tau of the InfoNCE term
-    anchor_ce_weight: float = 1.0  # a: weight of the anchor CE inside c(e) * (...) (1 in the release)
-    contrastive_weight: float = 1.0  # k: weight of InfoNCE inside c(e) * (...) (1 in the release)
+    temperature: float = option(1.0, gt=0)  # tau of the InfoNCE term
+    anchor_ce_weight: float = option(1.0, ge=0)  # a: weight of the anchor CE inside c(e) * (...) (1 in the release)
+    contrastive_weight: float = option(1.0, ge=0)  # k: weight of InfoNCE inside c(e) * (...) (1 in the release)
     regularizer: str = "tsc"  # L_reg on the regular batch: "tsc" (released), "ce", "supcon", "none"
-    tsc_temperature: float = 0.07  # TSC / SupCon temperature
-    tsc_target_weight: float = 0.2  # TSC weight of the class-target positive
-    tsc_queue: int = 1280  # TSC feature-queue length (128 * 2 * 5 in the release)
-    weight: float = 1.5  # c: constant value, and the cosine schedule's value at epoch 0
+    tsc_temperature: float = option(0.07, gt=0)  # TSC / SupCon temperature
+    tsc_target_weight: float = option(0.2, ge=0)  # TSC weight of the class-target positive
+    tsc_queue: int = option(1280, ge=1)  # TSC feature-queue length (128 * 2 * 5 in the release)
+    weight: float = option(1.5, ge=0)  # c: constant value, and the cosine schedule's value at epoch 0
     weight_schedule: str = "cosine"  # "cosine": 1 + 0.5 cos(2 pi e / E); "constant": c
-    dropout: float = 0.1  # dropout on the normalised image feature, training only
-    epochs: int = 100  # passes over the training set (or the calibration set, see epoch_unit)
+    dropout: float = option(0.1, ge=0, lt=1)  # dropout on the normalised image feature, training only
+    epochs: int = option(100, ge=1)  # passes over the training set (or the calibration set, see epoch_unit)
     epoch_unit: str = "train"  # "train": an epoch pairs every training batch with anchors (the release);
     # "calibration": an epoch is one pass over the anchors, regular batches drawn at random (far fewer steps)
-    batch_size: int = 128  # regular samples per step (and as many anchors)
-    lr: float = 1e-4  # SGD learning rate
-    momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 1e-5  # SGD weight decay
+    batch_size: int = option(128, ge=1)  # regular samples per step (and as many anchors)
+    lr: float = option(1e-4, gt=0)  # SGD learning rate
+    momentum: float = option(0.9, ge=0, lt=1)  # SGD momentum
+    weight_decay: float = option(1e-5, ge=0)  # SGD weight decay
     train_logit_scale: bool = True  # also learn the logit scale s
     logit_scale_init: str = "release"  # initial s: "release" (1/0.07, the CFR code's own scale) or "pretrained"
     selection: str = "val_wga"  # epoch selection: val_wga | val_worst_class | last

@@ -26,7 +26,7 @@ from sklearn.preprocessing import StandardScaler
 
 from calib.clip.features import FeatureSet, SplitFeatures
 from calib.core.metrics import worst_group_accuracy
-from calib.methods.base import Method, register
+from calib.methods.base import Method, option, register
 
 C_GRID = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01)
 
@@ -109,8 +109,8 @@ def tune_c(
 
 @dataclass
 class DFROptions:
-    C_grid: tuple[float, ...] = C_GRID  # inverse L1 strengths tried in tuning (DFR's grid)
-    n_retrains: int = 20  # balanced fits averaged in the final model
+    C_grid: tuple[float, ...] = option(C_GRID, gt=0)  # inverse L1 strengths tried in tuning (DFR's grid)
+    n_retrains: int = option(20, ge=1)  # balanced fits averaged in the final model
     scaler: str = "train"  # standardise with training ("train", original repo) or validation ("val") embeddings
 
 

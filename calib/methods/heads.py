@@ -8,7 +8,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 
 from calib.clip.features import FeatureSet, SplitFeatures
-from calib.methods.base import Method, register
+from calib.methods.base import Method, option, register
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -38,8 +38,8 @@ class ZeroShot(Method):
 
 @dataclass
 class LinearProbeOptions:
-    C: float = 1.0  # inverse L2 regularisation strength of the logistic regression
-    max_iter: int = 2000  # lbfgs iterations
+    C: float = option(1.0, gt=0)  # inverse L2 regularisation strength of the logistic regression
+    max_iter: int = option(2000, ge=1)  # lbfgs iterations
 
 
 class LogisticHead(Method):

@@ -23,7 +23,7 @@ from torch import nn
 
 from calib.clip.features import FeatureSet, SplitFeatures
 from calib.core.metrics import group_accuracy, worst_class_accuracy, worst_group_accuracy
-from calib.methods.base import Method, register
+from calib.methods.base import Method, option, register
 from calib.methods.lanes import LaneModule, lane_cross_entropy, lane_dropout, lane_generators, unit
 
 log = logging.getLogger(__name__)
@@ -139,13 +139,13 @@ class ProjectionHead(LaneModule):
 class ProjectionOptions:
     """Optimisation of the projection: the CFR release's settings (SGD, lr 1e-4, 100 epochs)."""
 
-    epochs: int = 100  # passes over the training split
-    batch_size: int = 128  # training samples per step
-    lr: float = 1e-4  # SGD learning rate
-    momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 1e-5  # SGD weight decay
+    epochs: int = option(100, ge=1)  # passes over the training split
+    batch_size: int = option(128, ge=1)  # training samples per step
+    lr: float = option(1e-4, gt=0)  # SGD learning rate
+    momentum: float = option(0.9, ge=0, lt=1)  # SGD momentum
+    weight_decay: float = option(1e-5, ge=0)  # SGD weight decay
     train_logit_scale: bool = True  # also learn s
-    dropout: float = 0.0  # dropout on the normalised image feature, training only
+    dropout: float = option(0.0, ge=0, lt=1)  # dropout on the normalised image feature, training only
     selection: str = "val_wga"  # epoch selection: val_wga | val_worst_class | last
     device: str = "auto"  # cuda when present
 

@@ -14,7 +14,7 @@ from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 from calib.clip.features import FeatureSet, SplitFeatures
-from calib.methods.base import register
+from calib.methods.base import option, register
 from calib.methods.heads import LogisticHead, normalize
 from calib.methods.lanes import LaneModule
 from calib.methods.projection import ProjectionMethod, ProjectionOptions, Step, fit_methods, resolve_device
@@ -22,10 +22,12 @@ from calib.methods.projection import ProjectionMethod, ProjectionOptions, Step, 
 
 @dataclass
 class JTTOptions:
-    id_C: float = 0.01  # inverse L2 strength of the identification model (stands in for JTT's early stopping)
-    upweight: float = 100.0  # lambda_up: weight of the identification model's training errors (JTT, Waterbirds)
-    C: float = 1.0  # inverse L2 strength of the retrained head
-    max_iter: int = 2000  # lbfgs iterations
+    # inverse L2 strength of the identification model (stands in for JTT's early stopping)
+    id_C: float = option(0.01, gt=0)
+    # lambda_up: weight of the identification model's training errors (JTT, Waterbirds)
+    upweight: float = option(100.0, gt=0)
+    C: float = option(1.0, gt=0)  # inverse L2 strength of the retrained head
+    max_iter: int = option(2000, ge=1)  # lbfgs iterations
 
 
 @register
@@ -51,10 +53,11 @@ class JTT(LogisticHead):
 
 @dataclass
 class AFROptions:
-    heldout_fraction: float = 0.2  # share of the training set held out for reweighting (the rest trains the base head)
-    gamma: float = 4.0  # weights exp(-gamma * p_true) of the held-out samples
-    C: float = 1.0  # inverse L2 strength of both heads
-    max_iter: int = 2000  # lbfgs iterations
+    # share of the training set held out for reweighting (the rest trains the base head)
+    heldout_fraction: float = option(0.2, gt=0, lt=1)
+    gamma: float = option(4.0, ge=0)  # weights exp(-gamma * p_true) of the held-out samples
+    C: float = option(1.0, gt=0)  # inverse L2 strength of both heads
+    max_iter: int = option(2000, ge=1)  # lbfgs iterations
 
 
 @register
@@ -106,10 +109,10 @@ class LinearHead(LaneModule):
 
 @dataclass
 class GroupDROOptions(ProjectionOptions):
-    eta: float = 0.01  # step size of the group weights (GroupDRO's eta_q)
-    lr: float = 1e-3  # Adam learning rate of the head
-    weight_decay: float = 1e-4  # L2 (GroupDRO relies on strong regularisation)
-    epochs: int = 50  # passes over the training set
+    eta: float = option(0.01, ge=0)  # step size of the group weights (GroupDRO's eta_q)
+    lr: float = option(1e-3, gt=0)  # Adam learning rate of the head
+    weight_decay: float = option(1e-4, ge=0)  # L2 (GroupDRO relies on strong regularisation)
+    epochs: int = option(50, ge=1)  # passes over the training set
 
 
 @register

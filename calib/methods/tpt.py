@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from calib.clip.features import SplitFeatures
-from calib.methods.base import Method, register
+from calib.methods.base import Method, option, register
 from calib.methods.projection import resolve_device
 
 log = logging.getLogger(__name__)
@@ -41,13 +41,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TPTOptions:
-    views: int = 64  # images per test image: the original and views - 1 augmented ones (release: batch size 64)
-    selection_p: float = 0.1  # fraction of lowest-entropy views kept (release: selection_p)
-    lr: float = 5e-3  # AdamW learning rate (release default)
-    steps: int = 1  # AdamW steps per image (release: tta_steps)
+    # images per test image: the original and views - 1 augmented ones (release: batch size 64)
+    views: int = option(64, ge=1)
+    selection_p: float = option(0.1, gt=0, le=1)  # fraction of lowest-entropy views kept (release: selection_p)
+    lr: float = option(5e-3, gt=0)  # AdamW learning rate (release default)
+    steps: int = option(1, ge=0)  # AdamW steps per image (release: tta_steps)
     ctx_init: str = "a photo of a"  # the context's initial words (release: ctx_init a_photo_of_a, n_ctx 4)
     augment: str = "crop"  # random resized crop + flip, the release's views for natural distribution shifts
-    max_images: int = 0  # per-image work: evaluate a seeded subsample of this many test images (0: all)
+    max_images: int = option(0, ge=0)  # per-image work: evaluate a seeded subsample of this many test images (0: all)
     device: str = "auto"  # "auto" (GPU when present), "cpu" or "cuda"
 
 
