@@ -85,6 +85,15 @@ def test_rows_with_an_option_the_method_lost_are_left_out_with_one_warning(tmp_p
     assert len(warnings) == 1 and "row 2: dfr has no option(s) ['fit_on']" in warnings[0]
 
 
+def test_tables_read_rows_in_declared_order_whatever_order_the_passes_wrote_them(tmp_path):
+    path = tmp_path / "e.jsonl"
+    rows = [_row(0, variant="late pass", task=2), _row(1, variant="first", task=0), _row(2, variant="second", task=1)]
+    rows += [_row(3, variant="other features", task=0, dataset="d2"), _row(4, variant="untracked")]  # no task
+    append_rows(rows, path)
+    df = load_results(path)
+    assert df["variant"].tolist() == ["first", "second", "late pass", "untracked", "other features"]
+
+
 # ---------------------------------------------------------------- inputs checked where they enter
 
 

@@ -282,7 +282,10 @@ def load_results(
     """Rows of one or more experiments (names or JSONL paths) as a flat DataFrame.
 
     Columns: the key fields, ``label_needs``, ``options``, and ``<split>.<metric>`` for every scalar
-    metric (e.g. ``test.wga``) plus ``test.group_acc``.  The newest row per key wins.  Rows with an option
+    metric (e.g. ``test.wga``) plus ``test.group_acc``.  The newest row per key wins.  Rows come grouped by
+    feature set (dataset, model, weights) in order of first appearance, each group in the order its experiment
+    declared its runs (``task``): a file holds them in the order their passes ended, or a resumed run wrote them.
+    Rows with an option
     the method no longer has (written by an older calib, e.g. UMFC's ``fit_on`` before ``mode``) are left
     out: their setting cannot be named, so no table mixes them in.
     """
@@ -301,7 +304,19 @@ def load_results(
     df = pd.DataFrame.from_records(records)
     if df.empty:
         return df
-    return df.drop_duplicates(subset=list(KEY_FIELDS), keep="last").reset_index(drop=True)
+    df = df.drop_duplicates(subset=list(KEY_FIELDS), keep="last").reset_index(drop=True)
+    return _declared_order(df)
+
+
+def _declared_order(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` grouped by (dataset, model, pretrained) in order of first appearance, each group sorted by ``task``
+    (stable; rows without one, written by other code or an older calib, keep their place among themselves)."""
+    feature_set = list(zip(df["dataset"], df["model"], df["pretrained"]))
+    first = {k: i for i, k in reversed(list(enumerate(feature_set)))}
+    task = df["task"] if "task" in df else pd.Series([np.nan] * len(df))
+    position = [t if t == t else i for i, t in enumerate(task.tolist())]  # NaN != NaN: no task, keep the row's place
+    order = sorted(range(len(df)), key=lambda i: (first[feature_set[i]], position[i], i))
+    return df.iloc[order].reset_index(drop=True)
 
 
 def _stale_options(row: dict[str, Any]) -> str:

@@ -142,7 +142,7 @@ def run_experiment(
             run.lanes = trained[traj].lanes = lanes
             trained[traj] = run
             log.info("%s seed %d: selection %s from the same training run", variant, seed, wanted)
-        return _make_row(spec, variant, method, seed, run, features)
+        return _make_row(spec, variant, method, seed, run, features, task=i)
 
     def save_ready() -> None:
         """Make (and append) the row of every task whose run is now stored or trained: a row is saved the moment
@@ -185,8 +185,11 @@ def run_experiment(
     return pd.DataFrame.from_records([flatten_row(rows[i]) for i in range(len(tasks))])
 
 
-def _make_row(spec: RunSpec, variant: str, method: str, seed: int, run: MethodRun, features: FeatureSet) -> dict:
-    """The result row of one (variant, seed) run on ``features``."""
+def _make_row(
+    spec: RunSpec, variant: str, method: str, seed: int, run: MethodRun, features: FeatureSet, task: int
+) -> dict:
+    """The result row of one (variant, seed) run on ``features``; ``task`` is its position in ``spec`` (rows are
+    written as their passes end, so tables order them by it: :func:`calib.evaluation.results.load_results`)."""
     selected = next((r["epoch"] for r in run.history if r.get("selected")), None)
     return make_row(
         experiment=spec.experiment,
@@ -200,6 +203,7 @@ def _make_row(spec: RunSpec, variant: str, method: str, seed: int, run: MethodRu
         device=features.meta.get("device", "cpu"),
         extra={
             "variant": variant,
+            "task": task,
             "label_needs": run.label_needs,
             "seconds": run.seconds,
             "lanes": run.lanes,
