@@ -12,7 +12,7 @@
 #   --only NN          run only notebooks whose name starts with NN (e.g. 01)
 #   --force            (toy profile) execute every notebook, even those whose inputs (calib's code, the notebook,
 #                      its parameters) are unchanged since their last run and whose outputs are all present
-#   --profile paper    real datasets under DIR/{waterbirds,celeba,metashift,chexpert} x CLIP RN50 and ViT-L/14
+#   --profile paper    real datasets under DIR/{waterbirds,celeba,metashift,chexpert} x CLIP RN50 and ViT-L/14@336px
 #                      (OpenAI weights) x every method x 5 seeds; missing datasets are skipped with one line
 #   --backbones LIST   (paper profile) comma-separated open_clip MODEL:PRETRAINED pairs instead of the paper's
 #                      two, e.g. ViT-B-32:laion2b_s34b_b79k or RN50:random (random weights: a smoke test)

@@ -45,8 +45,9 @@ def test_parse_backbones_and_custom_plan(tmp_path):
 def test_full_size_estimate_is_positive_and_ordered():
     plan = full_size_plan()
     by = {(r.dataset, r.model): r for r in plan.rows}
-    assert by[("celeba", "ViT-L-14-quickgelu")].extraction_h > by[("waterbirds", "ViT-L-14-quickgelu")].extraction_h
-    assert by[("waterbirds", "ViT-L-14-quickgelu")].extraction_h > by[("waterbirds", "RN50-quickgelu")].extraction_h
+    vit = "ViT-L-14-336-quickgelu"  # the release's ViT (ViT-L/14@336px) is a default backbone
+    assert by[("celeba", vit)].extraction_h > by[("waterbirds", vit)].extraction_h
+    assert by[("waterbirds", vit)].extraction_h > by[("waterbirds", "RN50-quickgelu")].extraction_h
     assert 1 < plan.gpu_hours < 1000
 
 
@@ -62,7 +63,7 @@ def test_run_all_paper_dry_run(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "skip celeba: not found" in r.stdout and "skip chexpert: not found" in r.stdout
-    assert "waterbirds" in r.stdout and "ViT-L-14-quickgelu/openai" in r.stdout and "GPU hours" in r.stdout
+    assert "waterbirds" in r.stdout and "ViT-L-14-336-quickgelu/openai" in r.stdout and "GPU hours" in r.stdout
     assert not (tmp_path / "home" / "results").exists()  # a dry run runs nothing
     for args, message in (
         (["--profile", "paper"], "--data-dir"),

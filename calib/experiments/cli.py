@@ -642,7 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument(
         "--backbones",
         default=None,
-        help="comma-separated MODEL:PRETRAINED pairs (default: RN50-quickgelu:openai,ViT-L-14-quickgelu:openai)",
+        help="comma-separated MODEL:PRETRAINED pairs (default: RN50-quickgelu:openai,ViT-L-14-336-quickgelu:openai)",
     )
     pl.add_argument(
         "--seeds", type=int, default=5, action=_Checked, check=_at_least(1), help="seeds per method (the paper: 5)"

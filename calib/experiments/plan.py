@@ -22,8 +22,10 @@ from calib.studies.dynamics import CFR_DYNAMICS
 log = logging.getLogger(__name__)
 
 PAPER_DATASETS = ("waterbirds", "celeba", "metashift", "chexpert")
-PAPER_BACKBONES = (("RN50-quickgelu", "openai"), ("ViT-L-14-quickgelu", "openai"))
-OPTIONAL_BACKBONES = (("ViT-L-14-336-quickgelu", "openai"),)
+# the paper's backbones as the release loads them (charlesyou999648/CFR code/models/initializer.py: the ViT is
+# clip.load('ViT-L/14@336px')); open_clip's -quickgelu configurations are what OpenAI's weights need
+PAPER_BACKBONES = (("RN50-quickgelu", "openai"), ("ViT-L-14-336-quickgelu", "openai"))
+OPTIONAL_BACKBONES = (("ViT-L-14-quickgelu", "openai"),)  # the 224-px ViT-L/14, on request (--backbones)
 PAPER_SEEDS = (0, 1, 2, 3, 4)
 # assumptions (one recent datacenter GPU): extraction images/s and method seconds on 4,795 training samples
 ASSUMED_IMG_S = {"RN50-quickgelu": 2000.0, "ViT-L-14-quickgelu": 600.0, "ViT-L-14-336-quickgelu": 250.0}
