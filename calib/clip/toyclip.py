@@ -18,7 +18,6 @@ no method result read): training length, 600 -> 800 steps.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -33,7 +32,7 @@ import torch
 
 from calib.core import paths
 from calib.core.files import atomic_dir, default_file_mode, locked
-from calib.core.hashing import stable_hash
+from calib.core.hashing import file_hash, stable_hash
 from calib.core.logs import expected_random_init
 from calib.data.toy import render_scene
 
@@ -240,17 +239,9 @@ CONFIG_FILE = "open_clip_config.json"
 MANIFEST_FILE = "manifest.json"  # sha256 and size of the weights and config, written when the folder is made
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_manifest(folder: Path) -> None:
     files = {
-        name: {"sha256": _sha256(folder / name), "bytes": (folder / name).stat().st_size}
+        name: {"sha256": file_hash(folder / name, 64), "bytes": (folder / name).stat().st_size}
         for name in (WEIGHTS_FILE, CONFIG_FILE)
     }
     (folder / MANIFEST_FILE).write_text(json.dumps(files, indent=2))
@@ -272,7 +263,7 @@ def checkpoint_problem(folder: Path) -> str | None:
         if manifest.is_file():
             for name, want in json.loads(manifest.read_text()).items():
                 f = folder / name
-                if f.stat().st_size != want["bytes"] or _sha256(f) != want["sha256"]:
+                if f.stat().st_size != want["bytes"] or file_hash(f, 64) != want["sha256"]:
                     return f"{f} does not match {manifest} (truncated or damaged)"
             return None
         json.loads(config.read_text())
