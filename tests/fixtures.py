@@ -192,3 +192,49 @@ FIGURE_STEMS = (
     "calibration_set",
     "cfr_dynamics",
 )
+
+
+def synthetic_prompt_bank():
+    """A prompt bank for 3-d synthetic features (axis 0: class, axis 1: spurious attribute), every section filled:
+    class k at ``(2k-1, (2k-1)/2, 0)``, attribute a at ``(0, 2a-1, 0.1)``, a candidate at their sum."""
+    import numpy as np
+
+    from calib.clip.prompts import PromptBank
+
+    vec = {}
+    for k in (0, 1):
+        vec[f"class {k}"] = np.array([2 * k - 1, (2 * k - 1) / 2, 0.0])
+        vec[f"spur {k}"] = np.array([0.0, 2 * k - 1, 0.1])
+    for k in (0, 1):
+        for a in (0, 1):
+            vec[f"c{k} s{a}"] = vec[f"class {k}"] + vec[f"spur {a}"]
+    spec = {
+        "dataset": "synthetic",
+        "class_names": ["c0", "c1"],
+        "attr_names": ["a0", "a1"],
+        "orth_cali": {
+            "source": "test",
+            "class_prompts": ["class 0", "class 1"],
+            "spurious_prompts": ["spur 0", "spur 1"],
+            "candidate_prompts": ["c0 s0", "c0 s1", "c1 s0", "c1 s1"],
+            "candidate_pairs": [[0, 1], [2, 3]],
+        },
+        "roboshot": {
+            "source": "test",
+            "class_prompts": ["class 0", "class 1"],
+            "reject": [["spur 1", "spur 0"]],
+            "accept": [["class 1", "class 0"]],
+        },
+        "tie": {
+            "source": "test",
+            "class_prompts": ["class 0", "class 1"],
+            "spurious_prompts": [["spur 0"], ["spur 1"]],
+        },
+        "fairerclip": {
+            "source": "test",
+            "class_prompts": ["class 0", "class 1"],
+            "spurious_prompts": [["spur 0"], ["spur 1"]],
+        },
+    }
+    texts = sorted(vec)
+    return PromptBank(spec, texts, np.stack([vec[t] for t in texts]).astype(np.float32))

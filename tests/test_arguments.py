@@ -241,7 +241,7 @@ def test_list_methods_prints_the_syntax_evaluate_takes(capsys):
     current, seen = None, {}
     for line in out.splitlines():
         if line and not line.startswith(" ") and "[group labels:" in line:
-            current = line.split()[0].rstrip("†‡")
+            current = line.split()[0].rstrip("†‡§")
         elif line.strip().startswith("--option "):
             words = shlex.split(line.strip())
             assert words[0] == "--option" and "=" in words[1], line
@@ -249,6 +249,7 @@ def test_list_methods_prints_the_syntax_evaluate_takes(capsys):
             seen.setdefault(current, {})[key] = value
     assert set(seen) == set(REGISTRY) - {"zeroshot"}  # zero-shot has no options
     assert "scaler=train" in out and "n_retrains=20  (int, >= 1)" in out
+    assert "roboshot§  [group labels: none; uses: z, prompts; § names the spurious attribute in words]" in out
     for name, printed in seen.items():
         # what is printed, given back as --option KEY=VALUE, is each option's default
         assert dataclasses.asdict(make_options(name, printed)) == dataclasses.asdict(make_options(name)), name

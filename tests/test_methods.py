@@ -9,6 +9,7 @@ from calib.clip.features import FeatureSet, SplitFeatures
 from calib.methods import REGISTRY, create, describe_methods, run_method
 from calib.methods.heads import normalize, zero_shot_logits
 from calib.methods.projection import ProjectionHead, initial_logit_scale
+from tests.fixtures import synthetic_prompt_bank
 
 
 def test_registry_lists_label_needs():
@@ -56,6 +57,7 @@ def _synthetic(n=400, seed=0) -> FeatureSet:
         group_names=["0/0", "0/1", "1/0", "1/1"],
         W0=W0,
         b0=np.zeros(3, np.float32),
+        prompts=synthetic_prompt_bank(),
     )
 
 

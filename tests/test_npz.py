@@ -29,7 +29,7 @@ def test_export_roundtrip(npz_path, toy_features):
 
 
 def test_which_methods_run_on_embeddings():
-    needs_more = {n for n, c in REGISTRY.items() if {"h", "text", "images"} & set(c.uses)}
+    needs_more = {n for n, c in REGISTRY.items() if {"h", "text", "prompts", "images"} & set(c.uses)}
     assert set(REGISTRY) - needs_more == set(EMBEDDING_ONLY)
 
 

@@ -167,7 +167,20 @@ def test_paper_profile_end_to_end_on_fixtures(paper_profile_run):
             assert f"{stem}_{ds}_calib-toy-vit.png" in figures, (stem, ds)
     table = (home / "figures" / "main_results_metashift_chexpert.md").read_text()
     for ds in ("metashift", "chexpert"):
-        for method in ("zeroshot", "dfr†", "groupdro‡", "cfr", "tpt (20 test images)"):
+        for method in (
+            "zeroshot",
+            "dfr†",
+            "afr",
+            "groupdro‡",
+            "cfr",
+            "tpt (20 test images)",
+            "orth_cali§",
+            "orth_cali (projection only)§",
+            "roboshot§",
+            "tie_star§",
+            "fairerclip§",
+            "ppa (from the paper)",
+        ):
             assert f"| {ds} | calib-toy-vit | {method} |" in table
     rows = load_results("main_results", home / "results")
     assert set(rows.dataset) == {"metashift", "chexpert"} and set(rows.pretrained) == {"random"}

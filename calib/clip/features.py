@@ -43,7 +43,7 @@ from calib.clip.models import (
     projection_params,
     text_prototypes,
 )
-from calib.clip.prompts import imagenet_templates
+from calib.clip.prompts import PromptBank, embed_texts, imagenet_templates
 from calib.core import paths
 from calib.core.files import atomic_write_bytes, locked
 from calib.core.hashing import stable_hash
@@ -145,6 +145,8 @@ class FeatureSet:
     meta: dict = field(default_factory=dict)
     # known unit directions of h-space, name -> [d_h] (only for synthetic features such as the testbed)
     directions: dict[str, np.ndarray] | None = None
+    # the dataset's prompt file embedded by this CLIP (prompt-based methods); None without a prompt file
+    prompts: PromptBank | None = None
 
     @property
     def n_classes(self) -> int:
@@ -452,15 +454,47 @@ def get_text_prototypes(
             with suppress(OSError):  # calib's own file: a damaged one is of no use to anybody
                 candidate.unlink()
     protos = text_prototypes(loaded, class_names, templates).numpy()
+    _write_keyed_array(path, key, "protos", protos)
+    return protos
+
+
+def _write_keyed_array(path: Path, key: dict, name: str, array: np.ndarray) -> None:
+    """Write ``array`` as ``name`` into the ``.npz`` at ``path`` with its cache ``key`` and checksum, atomically."""
     buf = io.BytesIO()
     np.savez(
         buf,
-        protos=protos,
+        **{name: array},
         key=np.array(json.dumps(key, sort_keys=True)),
-        checksum=np.array(array_checksum({"protos": protos})),
+        checksum=np.array(array_checksum({name: array})),
     )
     atomic_write_bytes(path, buf.getvalue())
-    return protos
+
+
+def get_prompt_bank(loaded: LoadedClip, dataset: GroupDataset, cache_dir: Path | None = None) -> PromptBank | None:
+    """The text embeddings of ``dataset``'s prompt file under ``loaded`` (:class:`PromptBank`), cached per weights
+    and prompts like the class prototypes; None when the dataset has no prompt file.  A file whose class or
+    attribute names are not the dataset's is an error (:class:`calib.data.prompt_files.PromptFileError`)."""
+    from calib.data.prompt_files import check_fits, has_prompt_file, load_prompt_file, prompt_texts
+
+    if not has_prompt_file(dataset.name):
+        return None
+    spec = load_prompt_file(dataset.name)
+    check_fits(spec, dataset.name, list(dataset.class_names), list(dataset.attr_names))
+    texts = prompt_texts(spec)
+    key = {"weights": loaded.fingerprint, "model": loaded.name, "prompts": texts}
+    path = Path(cache_dir or paths.cache_dir()) / "text" / f"{loaded.name}-prompts-{stable_hash(key)}.npz"
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                vectors, stored, checksum = f["vectors"], json.loads(str(f["key"])), str(f["checksum"])
+            if stored == key and array_checksum({"vectors": vectors}) == checksum and np.isfinite(vectors).all():
+                return PromptBank(spec, texts, vectors)
+            log.warning("prompt-embedding cache %s fails its check; rebuilding it", path)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            log.warning("prompt-embedding cache %s cannot be read (%s); rebuilding it", path, one_line_error(err))
+    vectors = embed_texts(loaded.model, loaded.tokenizer, texts, loaded.device)
+    _write_keyed_array(path, key, "vectors", vectors)
+    return PromptBank(spec, texts, vectors)
 
 
 def build_feature_set(
@@ -482,6 +516,7 @@ def build_feature_set(
         attr_names=list(dataset.attr_names),
         W0=W0.numpy(),
         b0=b0.numpy(),
+        prompts=get_prompt_bank(loaded, dataset, cache_dir),
         meta={
             "dataset": dataset.name,
             "model": loaded.name,

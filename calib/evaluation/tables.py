@@ -11,7 +11,7 @@ import pandas as pd
 from calib.core import paths
 from calib.evaluation.results import summarize, to_latex, to_markdown
 from calib.evaluation.stats import format_interval, method_intervals, paired_difference
-from calib.methods import LABEL_LEGEND, LABEL_MARKS
+from calib.methods import LABEL_LEGEND, method_mark
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ def results_table(df: pd.DataFrame, metrics: tuple[str, ...] = TABLE_METRICS) ->
     by the group labels they read (see :data:`calib.methods.LABEL_LEGEND`)."""
     table = summarize(with_row_labels(df), metrics, by=("dataset", "model", "row"))
     needs = table.get("label_needs", [""] * len(table))
-    table["method"] = [f"{m}{LABEL_MARKS.get(n, '')}" for m, n in zip(table["row"], needs)]
+    methods = table["row"].map(dict(zip(with_row_labels(df)["row"], df["method"])))
+    table["method"] = [f"{r}{method_mark(m, n)}" for r, m, n in zip(table["row"], methods, needs)]
     return table
 
 
@@ -91,7 +92,8 @@ def write_markdown(text: str, name: str, figures_dir: Path | None = None) -> Pat
 PROTOCOLS = (("val_wga", "paper protocol"), ("val_worst_class", "no group labels"))
 
 
-# the main table's row order (as in notebook 03): the baselines, then the GroupDRO oracle, then CFR
+# the main table's row order (as in notebook 03): the baselines, the label-free methods that followed CFR, then the
+# GroupDRO oracle, then CFR
 TABLE_ORDER = (
     "zeroshot",
     "linear_probe",
@@ -102,6 +104,11 @@ TABLE_ORDER = (
     "contrastive_adapter",
     "umfc",
     "tpt",
+    "orth_cali",
+    "roboshot",
+    "tie_star",
+    "fairerclip",
+    "ppa",
     "groupdro",
     "cfr",
 )
@@ -122,7 +129,7 @@ def _protocol_parts(df: pd.DataFrame):
         for proto, label in PROTOCOLS:
             sub = part[selection == proto] if selection.notna().any() else part
             protocols[label] = sub.iloc[0:0] if proto != "val_wga" and needs == "val_groups" else sub
-        yield (ds, model, method, f"{row}{LABEL_MARKS.get(needs, '')}"), part, protocols
+        yield (ds, model, method, f"{row}{method_mark(method, needs)}"), part, protocols
 
 
 def protocol_long(df: pd.DataFrame, metric: str = "test.wga", methods: tuple[str, ...] = TABLE_ORDER) -> pd.DataFrame:

@@ -252,8 +252,10 @@ def _cmd_list_methods(args: argparse.Namespace) -> int:
     print("Each method's options at their defaults, as `calib evaluate` takes them (--option KEY=VALUE, repeatable).")
     for m in registry["methods"]:
         print(
-            f"{m['name']}{registry['marks'][m['label_needs']]}  "
-            f"[group labels: {m['label_needs']}; uses: {', '.join(m['uses'])}]"
+            f"{m['name']}{m['mark']}  "
+            f"[group labels: {m['label_needs']}; uses: {', '.join(m['uses'])}"
+            + ("; § names the spurious attribute in words" if m.get("names_spurious") else "")
+            + "]"
         )
         print(f"    {m['summary']}")
         for k, spec in m["option_specs"].items():

@@ -37,7 +37,12 @@ ASSUMED_METHOD_S = {
     "umfc": 2.0,
     "dfr": 2.0,
     "jtt": 2.0,
-    "afr": 2.0,
+    "afr": 5.0,
+    "fairerclip": 30.0,
+    "ppa": 2.0,
+    "orth_cali": 0.1,
+    "roboshot": 0.1,
+    "tie_star": 0.1,
     "linear_probe": 1.0,
     "zeroshot": 0.1,
 }

@@ -6,17 +6,30 @@ Importing this package registers every method.  ``python -m calib list methods``
 
 from __future__ import annotations
 
-from calib.methods import adapters, cfr, dfr, heads, projection, reweighting, tpt  # noqa: F401  (registration)
+from calib.methods import (  # noqa: F401  (registration)
+    adapters,
+    cfr,
+    dfr,
+    fairerclip,
+    heads,
+    ppa,
+    projection,
+    prompted,
+    reweighting,
+    tpt,
+)
 from calib.methods.base import (
     LABEL_LEGEND,
     LABEL_MARKS,
     REGISTRY,
+    SPURIOUS_MARK,
     Method,
     MethodRun,
     create,
     describe_methods,
     get_method_class,
     make_options,
+    method_mark,
     register,
     run_method,
     run_methods,
@@ -26,12 +39,14 @@ __all__ = [
     "LABEL_LEGEND",
     "LABEL_MARKS",
     "REGISTRY",
+    "SPURIOUS_MARK",
     "Method",
     "MethodRun",
     "create",
     "describe_methods",
     "get_method_class",
     "make_options",
+    "method_mark",
     "register",
     "run_method",
     "run_methods",

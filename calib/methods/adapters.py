@@ -74,7 +74,24 @@ class ContrastiveAdapter(ProjectionMethod):
     """Contrastive adapter (Zhang & Re, 2022), on embeddings: a residual MLP adapter trained with
     InfoNCE on the training samples the zero-shot model embeds farthest from their class prompt,
     with nearest same-class samples and the class prompt as positives and nearest other-class
-    samples and prompts as negatives; predicts by cosine to the class prompts."""
+    samples and prompts as negatives; predicts by cosine to the class prompts.
+
+    Checked against: the authors publish no repository; the code checked is ``saswat0/Contrastive-Adapter``
+    (a 2023 re-upload of the paper's supplementary code: ``main.py``, ``network/adapter.py``,
+    ``datasets/contrastive_embeddings.py``, ``train/contrastive.py``).  It departs from that code in:
+
+    - the adapter: theirs is ``Linear(d, 128, no bias) -> BatchNorm -> ReLU -> Linear(128, d)`` without a residual;
+      here a residual bottleneck of ``d / 4`` whose last layer starts at zero (training starts at zero-shot);
+    - the anchors: theirs are the training samples whose UMAP + k-means cluster (aligned with the true labels)
+      disagrees with their class, here the ``hard_fraction`` farthest from their class prompt (no clustering, no
+      umap dependency, no training label used to align clusters);
+    - positives and negatives: theirs 2048 same-class "correct" samples and 2048 other-class samples among the 4096
+      nearest neighbours, no text prototypes in the loss; here the ``positives`` / ``negatives`` nearest ones plus
+      the class prompts;
+    - the schedule: theirs alternates contrastive epochs with cross-entropy epochs on inferred-group-balanced
+      resamples (SGD lr 1e-3, momentum 0.9, 100 epochs on Waterbirds) and keeps the epoch with the best validation
+      worst-group accuracy; here Adam over the anchors with calib's selection rules (label-free by default).
+    """
 
     name = "contrastive_adapter"
     Options = AdapterOptions

@@ -7,7 +7,9 @@ A method is a class with
 - ``label_needs``: which group labels it reads: ``"none"``, ``"val_groups"`` (validation group
   labels, e.g. for model selection or DFR) or ``"train_groups"`` (an oracle);
 - ``uses``: what it needs (``"z"`` final embeddings, ``"h"`` pre-projection features,
-  ``"text"`` the zero-shot head's class prototypes, ``"train"`` the training split);
+  ``"text"`` the zero-shot head's class prototypes, ``"prompts"`` the text embeddings of the dataset's prompt
+  file (:class:`calib.clip.prompts.PromptBank`), ``"train"`` the training split);
+- ``names_spurious``: whether its prompts name the spurious attribute (marked ``§`` in tables);
 - ``fit(data, seed)`` and ``logits(split) -> [n, C]``.
 
 :func:`run_method` fits a registered method and evaluates it on every split.
@@ -37,7 +39,12 @@ log = logging.getLogger(__name__)
 
 LABEL_NEEDS = ("none", "val_groups", "train_groups")
 LABEL_MARKS = {"none": "", "val_groups": "†", "train_groups": "‡"}
-LABEL_LEGEND = "† uses validation group labels; ‡ uses training group labels (oracle); unmarked: no group labels."
+# a method told the spurious attribute in words (its prompts name it) reads something no label-free method reads
+SPURIOUS_MARK = "§"
+LABEL_LEGEND = (
+    "† uses validation group labels; ‡ uses training group labels (oracle); unmarked: no group labels; "
+    "§ names the spurious attribute in words (prompts)."
+)
 
 REGISTRY: dict[str, type[Method]] = {}
 
@@ -76,6 +83,8 @@ class Method:
     label_needs: ClassVar[str] = "none"
     uses: ClassVar[tuple[str, ...]] = ("z",)
     summary: ClassVar[str] = ""
+    # told the spurious attribute in words (e.g. "a water background"): marked SPURIOUS_MARK in every table
+    names_spurious: ClassVar[bool] = False
     # settings shown as separate table rows (label -> option overrides), e.g. UMFC's two modes
     table_variants: ClassVar[dict[str, dict[str, Any]]] = {}
     # splits evaluated by default (None: all); per-image methods (TPT) evaluate the test split only
@@ -129,6 +138,13 @@ def register(cls: type[Method]) -> type[Method]:
         raise ValueError(f"{cls.name}: label_needs must be one of {LABEL_NEEDS}")
     REGISTRY[cls.name] = cls
     return cls
+
+
+def method_mark(name: str, label_needs: str) -> str:
+    """The marks a table puts after method ``name`` whose run read ``label_needs``: ``†``/``‡`` for group labels
+    (:data:`LABEL_MARKS`), then ``§`` when the method names the spurious attribute in words."""
+    cls = REGISTRY.get(name)
+    return LABEL_MARKS.get(label_needs, "") + (SPURIOUS_MARK if cls is not None and cls.names_spurious else "")
 
 
 def _type_name(hint: Any) -> str:
@@ -298,6 +314,8 @@ def describe_methods() -> list[dict[str, Any]]:
             {
                 "name": name,
                 "label_needs": needs,
+                "mark": method_mark(name, needs),
+                "names_spurious": cls.names_spurious,
                 "uses": list(cls.uses),
                 "summary": cls.summary,
                 "options": opts,
@@ -358,6 +376,11 @@ def check_inputs(name: str, uses: tuple[str, ...], data: FeatureSet) -> None:
         raise ValueError(
             f"method {name!r} uses CLIP's zero-shot head (text prototypes), which these features "
             "do not have (e.g. an embeddings npz)"
+        )
+    if "prompts" in uses and data.prompts is None:
+        raise ValueError(
+            f"method {name!r} reads the text embeddings of the dataset's prompt file (calib/data/prompts/), which "
+            "these features do not have (an embeddings npz, or a dataset without a prompt file)"
         )
     if "train" in uses and "train" not in data.splits:
         raise ValueError(f"method {name!r} needs a training split; the features have {sorted(data.splits)}")
