@@ -153,17 +153,22 @@ def _dense_reference(R, terms, n, gamma):
     return values.real[top], v / np.linalg.norm(v)
 
 
-def test_kernel_map_solves_the_authors_eigenproblem(rng):
-    n, tau_s, tau_z, gamma = 60, 0.7, 0.3, 1e-3
-    x = rng.normal(size=(n, 4))
-    y, s = signed_onehot(rng.integers(0, 2, n), 2), signed_onehot(rng.integers(0, 2, n), 2)
+# feature space (n >= D), sample space (n < D), and the text side (n < D, two distinct rows: a rank-2 R, where every
+# dependence is along one direction, so the text configs' tau_s = 0.1 keeps the top eigenvalue positive)
+@pytest.mark.parametrize("n, rff_dim, distinct, tau_s", [(60, 40, 60, 0.7), (30, 80, 30, 0.7), (30, 80, 2, 0.1)])
+def test_kernel_map_solves_the_authors_eigenproblem(rng, n, rff_dim, distinct, tau_s):
+    tau_z, gamma = 0.3, 1e-3
+    x = rng.normal(size=(distinct, 4))[np.arange(n) % distinct]
+    # labels that depend on the sample's row: no dependence term vanishes, not even with two distinct rows
+    lean = np.where(np.arange(n) % 2 == 0, 0.8, 0.2)
+    y, s = signed_onehot((rng.random(n) < lean).astype(int), 2), signed_onehot((rng.random(n) > lean).astype(int), 2)
     z = rng.normal(size=(n, 1))
-    km = KernelMap(40, tau_s, tau_z, gamma, np.random.default_rng(0))
+    km = KernelMap(rff_dim, tau_s, tau_z, gamma, np.random.default_rng(0))
     km.solve(x, y, s, z)
     R, Rz = km.phi_x(x), km.phi_z(z)
     terms = [(1.0, y), (tau_z / (1 - tau_z), Rz), (-tau_s / (1 - tau_s), s)]
     value, v = _dense_reference(R, terms, n, gamma)
-    assert km.top_eigenvalue == pytest.approx(value, rel=1e-6)
+    assert km.top_eigenvalue == pytest.approx(value, rel=1e-6) and value > 0
     theta = km.theta[:, 0] / math.sqrt(n)
     assert abs(theta @ v) == pytest.approx(1.0, abs=1e-6)  # the same direction, unit norm
     assert np.mean(km(x)[:, 0] / z[:, 0] < 0) <= 0.5  # aligned with the other modality's codes

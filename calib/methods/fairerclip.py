@@ -105,8 +105,9 @@ class KernelMap:
     rank rule with ``dim_z = 1``).
 
     Solved as a symmetric problem, ``L^-1 B L^-T`` with ``C = L L^T`` (Cholesky), by Lanczos on matrix-vector
-    products, without forming the ``D x D`` dependence matrices: the same top eigenvector as the authors'
-    ``eig(inv(C) @ B)`` (up to its sign, which :meth:`solve` fixes against the other modality, as theirs does).
+    products, without forming the ``D x D`` dependence matrices, or, with fewer samples than features, as the
+    equivalent ``n x n`` problem in sample space: the same top eigenvector as the authors' ``eig(inv(C) @ B)`` (up
+    to its sign, which :meth:`solve` fixes against the other modality, as theirs does).
     """
 
     def __init__(self, rff_dim: int, tau_s: float, tau_z: float, gamma: float, rng: np.random.Generator):
@@ -128,8 +129,18 @@ class KernelMap:
         if not terms:
             self.theta, self.top_eigenvalue = np.zeros((R.shape[1], DIM_Z)), 0.0
             return
+        values, v = (self._top_dual if n < R.shape[1] else self._top_primal)(R, terms)
+        self.top_eigenvalue = float(values[-1])
+        self.theta = math.sqrt(n) * v if self._rank(values[::-1]) else np.zeros_like(v)
+        # align with the other modality's codes (the authors test f(x) / z < 0: the same signs, no 0 / 0)
+        if z is not None and np.mean(self(x) * z < 0) > 0.5:
+            self.theta = -self.theta
+
+    def _top_primal(self, R: np.ndarray, terms: list) -> tuple[np.ndarray, np.ndarray]:
+        """Top eigenpair of ``C^-1 B`` in feature space (``n >= D``): Lanczos on ``L^-1 B L^-T``, ``C = L L^T``."""
+        n, D = R.shape
         Rc = centered(R)
-        C = Rc.T @ Rc + n * self.gamma * np.eye(R.shape[1])
+        C = Rc.T @ Rc + n * self.gamma * np.eye(D)
         chol = scipy.linalg.cholesky((C + C.T) / 2, lower=True)
 
         def standard(w: np.ndarray) -> np.ndarray:  # L^-1 B L^-T w
@@ -138,16 +149,28 @@ class KernelMap:
             Bu = sum(coef * (R.T @ (L @ (L.T @ Ru))) for coef, L in terms)
             return scipy.linalg.solve_triangular(chol, Bu, lower=True)
 
-        D = R.shape[1]
         op = scipy.sparse.linalg.LinearOperator((D, D), matvec=standard, dtype=np.float64)
         values, vectors = scipy.sparse.linalg.eigsh(op, k=DIM_Z, which="LA", v0=np.ones(D))
         v = scipy.linalg.solve_triangular(chol.T, vectors, lower=False)
-        v = v / np.linalg.norm(v, axis=0)
-        self.top_eigenvalue = float(values[-1])
-        self.theta = math.sqrt(n) * v if self._rank(values[::-1]) else np.zeros_like(v)
-        # align with the other modality's codes (the authors test f(x) / z < 0: the same signs, no 0 / 0)
-        if z is not None and np.mean(self(x) * z < 0) > 0.5:
-            self.theta = -self.theta
+        return values, v / np.linalg.norm(v, axis=0)
+
+    def _top_dual(self, R: np.ndarray, terms: list) -> tuple[np.ndarray, np.ndarray]:
+        """The same eigenpair in the row space of ``R`` (used when ``n < D``): with ``R = U S V^T`` (rank r), every
+        eigenvector with a nonzero eigenvalue is ``v = V b`` (``B`` vanishes and ``C`` is ``n gamma I`` off that
+        space), so ``B v = lambda C v`` becomes the ``r x r`` problem
+        ``(V^T B V) b = lambda (S U^T H U S + n gamma I) b`` (``H`` the centring matrix)."""
+        n = len(R)
+        U, S, Vt = np.linalg.svd(R, full_matrices=False)
+        keep = S > S.max() * 1e-10
+        U, S, Vt = U[:, keep], S[keep], Vt[keep]
+        US = U * S  # [n, r]: R = US @ Vt
+        A = sum(coef * (US.T @ L) @ (US.T @ L).T for coef, L in terms)
+        USc = centered(US)
+        M = USc.T @ USc + n * self.gamma * np.eye(len(S))
+        r = len(S)
+        values, b = scipy.linalg.eigh((A + A.T) / 2, (M + M.T) / 2, subset_by_index=[r - DIM_Z, r - 1])
+        v = Vt.T @ b
+        return values, v / np.linalg.norm(v, axis=0)
 
     def _rank(self, values: np.ndarray) -> int:
         """The authors' rank rule (``build_kernel.py``), for eigenvalues in descending order."""
