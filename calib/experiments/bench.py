@@ -17,22 +17,33 @@ from calib.methods.heads import normalize
 log = logging.getLogger(__name__)
 
 
-def synthetic_features(d_h: int = 1024, d: int = 768, scale: float = 1.0, seed: int = 0) -> FeatureSet:
+def synthetic_features(
+    d_h: int = 1024,
+    d: int = 768,
+    scale: float = 1.0,
+    seed: int = 0,
+    group_sizes: dict[str, tuple[int, ...]] | None = None,
+) -> FeatureSet:
     """Pre-projection features with Waterbirds' split and group sizes (4,795 / 1,199 / 5,794 at
-    ``scale=1``): ``h = class signal + spurious signal (stronger) + Gaussian noise``, a random
-    pretrained projection ``W0 [d_h, d]``, and text prototypes that lean on the spurious direction.
-    For timing and for checking behaviour on a problem with a known spurious direction.
+    ``scale=1``), or ``group_sizes`` (split -> size of each group ``g = y * (G / 2) + a``, two classes):
+    ``h = class signal + spurious signal (stronger) + Gaussian noise``, a random pretrained projection
+    ``W0 [d_h, d]``, and text prototypes that lean on the spurious direction.  For timing and for checking
+    behaviour on a problem with a known spurious direction.
     """
     rng = np.random.default_rng(seed)
     basis, _ = np.linalg.qr(rng.normal(size=(d_h, 2)))
     class_dir, spur_dir = basis[:, 0], basis[:, 1]
     W0 = (rng.normal(size=(d_h, d)) / np.sqrt(d_h)).astype(np.float32)
     splits = {}
-    for split, sizes in WATERBIRDS_GROUP_SIZES.items():
-        g = np.repeat(np.arange(4), [max(2, int(round(n * scale))) for n in sizes])
-        y, a = g // 2, g % 2
+    group_sizes = group_sizes or WATERBIRDS_GROUP_SIZES
+    n_groups = len(next(iter(group_sizes.values())))
+    n_attr = n_groups // 2
+    attr_names = ["land", "water"] if n_attr == 2 else [f"a{i}" for i in range(n_attr)]
+    for split, sizes in group_sizes.items():
+        g = np.repeat(np.arange(n_groups), [max(2, int(round(n * scale))) for n in sizes])
+        y, a = g // n_attr, g % n_attr
         h = rng.normal(size=(len(g), d_h)) * 0.5
-        h += np.outer(2 * y - 1, class_dir) * 0.5 + np.outer(2 * a - 1, spur_dir) * 2.0
+        h += np.outer(2 * y - 1, class_dir) * 0.5 + np.outer(2 * (a % 2) - 1, spur_dir) * 2.0
         h = h.astype(np.float32)
         splits[split] = SplitFeatures(
             z=h @ W0, y=y.astype(np.int64), g=g.astype(np.int64), a=a.astype(np.int64), ids=np.arange(len(g)), h=h
@@ -43,10 +54,10 @@ def synthetic_features(d_h: int = 1024, d: int = 768, scale: float = 1.0, seed: 
         splits=splits,
         text=text.astype(np.float32),
         logit_scale=100.0,
-        n_groups=4,
+        n_groups=n_groups,
         class_names=["landbird", "waterbird"],
-        group_names=["landbird/land", "landbird/water", "waterbird/land", "waterbird/water"],
-        attr_names=["land", "water"],
+        group_names=[f"{c}/{a}" for c in ("landbird", "waterbird") for a in attr_names],
+        attr_names=attr_names,
         W0=W0,
         b0=np.zeros(d, np.float32),
         meta={

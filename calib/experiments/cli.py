@@ -79,6 +79,10 @@ def _toy_scale(v: float) -> str | None:
     return None if 0 < v <= 1 else f"must be in (0, 1] (a fraction of Waterbirds' group sizes), got {v}"
 
 
+def _fraction(v: float) -> str | None:
+    return None if 0 < v <= 1 else f"must be in (0, 1] (a share of every split's size), got {v}"
+
+
 def _folder(v: str) -> str | None:
     path = Path(v).expanduser()
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
@@ -457,6 +461,32 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rehearse(args: argparse.Namespace) -> int:
+    from calib.experiments.rehearse import rehearse, render_report
+
+    device = args.device or ("cuda" if _cuda_available() else "cpu")
+    report = rehearse(
+        [d.strip() for d in args.datasets.split(",") if d.strip()],
+        [b.strip() for b in args.backbones.split(",") if b.strip()],
+        args.fraction,
+        list(args.seeds),
+        args.epochs,
+        device,
+        images=args.images,
+        out=Path(args.out) if args.out else None,
+    )
+    print(render_report(report))
+    if args.out:
+        print(f"report: {args.out}")
+    return 0
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _cmd_report_readme(args: argparse.Namespace) -> int:
     from calib.experiments.readme import stale_blocks, update_readme
 
@@ -651,6 +681,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=_cmd_plan)
+
+    rh = sub.add_parser(
+        "rehearse", help="the paper profile's real workload on synthetic inputs with the real shapes: a JSON report"
+    )
+    rh.add_argument("--datasets", default="waterbirds,celeba,metashift,chexpert", help="comma-separated paper datasets")
+    rh.add_argument(
+        "--backbones", default="RN50-quickgelu,ViT-L-14-336-quickgelu", help="comma-separated paper backbones"
+    )
+    rh.add_argument(
+        "--fraction", type=float, default=1.0, action=_Checked, check=_fraction, help="share of every split's size"
+    )
+    rh.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], action=_Checked, check=_at_least(0))
+    rh.add_argument("--epochs", type=int, default=100, action=_Checked, check=_at_least(1), help="projection epochs")
+    rh.add_argument("--images", type=int, default=256, action=_Checked, check=_at_least(0), help="JPEGs per backbone")
+    rh.add_argument("--device", default=None, action=_Checked, check=_device, help="default: cuda when present")
+    rh.add_argument("--out", default=None, help="write the JSON report here")
+    rh.set_defaults(func=_cmd_rehearse)
 
     rl = sub.add_parser("realism", help="how CLIP-like features are: the measures of docs/toy_realism.md")
     rl.add_argument("--dataset", required=True, help="toy, a dataset name, or 'testbed'")

@@ -1,0 +1,312 @@
+"""A full-scale rehearsal of the paper profile on synthetic inputs with the real shapes (issue 20).
+
+Methods stage: for each paper dataset and backbone, synthetic pre-projection features with the dataset's split and
+group sizes and the backbone's dimensions (:data:`DATASET_GROUPS`, :data:`BACKBONE_DIMS`), and every method run that
+notebooks 00-06 make in the paper profile, grouped into passes (lanes) exactly as they group them: the same
+:class:`~calib.experiments.runner.RunSpec` through :func:`~calib.experiments.runner.run_experiment` (rows not
+written).  Image stage: feature-extraction throughput of each backbone at random weights, model-bound and
+pipeline-bound (synthetic JPEGs), against the model's FLOPs.  Everything goes to one JSON report stamped with the
+device, the versions and the commit, beside a GEMM peak measured in the same run.
+
+``fraction`` scales every split (at least 2 samples a group), so the same rehearsal runs on a CPU in minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calib.clip.features import FeatureSet
+from calib.data.toy import WATERBIRDS_GROUP_SIZES
+
+log = logging.getLogger(__name__)
+
+# pre-projection width -> embedding width of each paper backbone's image tower
+BACKBONE_DIMS = {
+    "RN50-quickgelu": (2048, 1024),
+    "ViT-L-14-quickgelu": (1024, 768),
+    "ViT-L-14-336-quickgelu": (1024, 768),
+}
+
+
+def _chexpert_groups(total: int) -> tuple[int, ...]:
+    # y x (sex x race), g = y * 6 + sex * 3 + race: P(no finding) 0.1, P(male) 0.6, race White/Black/Other .56/.05/.39
+    p_y, p_sex, p_race = (0.9, 0.1), (0.4, 0.6), (0.56, 0.05, 0.39)
+    return tuple(round(total * py * ps * pr) for py in p_y for ps in p_sex for pr in p_race)
+
+
+# split -> group sizes.  Waterbirds and CelebA exact (the published splits); MetaShift and CheXpert approximate
+# (their sizes depend on the construction; the totals are those of calib.experiments.plan.full_size_plan)
+DATASET_GROUPS: dict[str, dict[str, tuple[int, ...]]] = {
+    "waterbirds": WATERBIRDS_GROUP_SIZES,
+    "celeba": {
+        "train": (71629, 66874, 22880, 1387),
+        "val": (8535, 8276, 2874, 182),
+        "test": (9767, 7535, 2480, 180),
+    },
+    "metashift": {"train": (1000, 138, 137, 1000), "val": (100, 100, 100, 100), "test": (193, 193, 193, 193)},
+    "chexpert": {"train": _chexpert_groups(167700), "val": _chexpert_groups(22365), "test": _chexpert_groups(33583)},
+}
+EXACT_SIZES = ("waterbirds", "celeba")
+
+
+def notebook_specs(seeds: list[int], epochs: int) -> dict[str, Any]:
+    """The :class:`RunSpec` of every method run notebooks 00-06 make for one (dataset, backbone) in the paper profile
+    (``run_all.sh --profile paper``: 05 on seed 0, 06 without the testbed); 03's image method (TPT) is timed in
+    the image stage."""
+    from calib.experiments.runner import RunSpec, epoch_options, protocol_variants
+    from calib.studies.ablations import ablation_variants
+    from calib.studies.dynamics import dynamics_variants
+
+    base = {"epochs": epochs, "reference_epochs": epochs}
+    erm = {"clip_erm": {"epochs": epochs}}
+    main_methods = [m for m in _main_methods() if m != "tpt"]
+    return {
+        "00_quickstart": RunSpec("quickstart", ["zeroshot", "linear_probe", "clip_erm"], seeds, options=erm),
+        "01_spurious_correlation": RunSpec("spurious_correlation", ["zeroshot", "clip_erm"], seeds, options=erm),
+        "02_last_layer_retraining": RunSpec(
+            "last_layer_retraining", ["zeroshot", "linear_probe", "clip_erm", "dfr"], seeds, options=erm
+        ),
+        "03_main_results": RunSpec(
+            "main_results", [], seeds, variants=protocol_variants(main_methods, epoch_options(epochs))
+        ),
+        "04_ablations": RunSpec("ablations", [], seeds, variants=ablation_variants([], base=base)),
+        "05_feature_geometry": RunSpec("feature_geometry", ["cfr"], [0], options={"cfr": base}),
+        "06_cfr_dynamics": RunSpec("cfr_dynamics", [], seeds, variants=dynamics_variants([], base=base), history=True),
+    }
+
+
+def _main_methods() -> list[str]:
+    """Notebook 03's default ``methods`` parameter (read from the notebook, so the rehearsal follows it; calib
+    installed without its notebooks: the main table's order)."""
+    from calib.core import paths
+    from calib.evaluation.tables import TABLE_ORDER
+
+    root = paths.repo_root()
+    if root is None:
+        return list(TABLE_ORDER)
+    nb = json.loads((root / "notebooks" / "03_main_results.ipynb").read_text())
+    for cell in nb["cells"]:
+        for line in "".join(cell["source"]).splitlines():
+            if line.startswith("methods: list = "):
+                return json.loads(line.split("=", 1)[1].split("#")[0].strip())
+    raise ValueError("notebook 03 declares no `methods: list = [...]` parameter")
+
+
+def rehearsal_features(dataset: str, backbone: str, fraction: float, seed: int = 0) -> FeatureSet:
+    """Synthetic features of ``dataset`` at ``fraction`` of its size under ``backbone``'s dimensions, with the
+    dataset's prompt file embedded as random vectors (the prompt methods' real shapes)."""
+    from calib.clip.prompts import PromptBank
+    from calib.data.prompt_files import load_prompt_file, prompt_texts
+    from calib.experiments.bench import synthetic_features
+
+    d_h, d = BACKBONE_DIMS[backbone]
+    feats = synthetic_features(d_h, d, scale=fraction, seed=seed, group_sizes=DATASET_GROUPS[dataset])
+    spec = load_prompt_file(dataset)
+    texts = prompt_texts(spec)
+    vectors = np.random.default_rng([seed, 17]).normal(size=(len(texts), d)).astype(np.float32)
+    feats.prompts = PromptBank(spec, texts, vectors)
+    feats.meta.update(dataset=dataset, model=backbone)
+    return feats
+
+
+class PeakRSS:
+    """Peak resident memory (bytes) of this process while the context is open, sampled every 20 ms."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def current() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:  # not Linux: the lifetime high-water mark is the best there is
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.current())
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = self.current()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current())
+
+
+@contextmanager
+def measured(device: str):
+    """Wall seconds, peak RSS and peak GPU memory of the block: yields a dict filled on exit."""
+    import torch
+
+    out: dict[str, Any] = {}
+    cuda = device.startswith("cuda") and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        yield out
+        if cuda:
+            torch.cuda.synchronize()
+        out["seconds"] = time.perf_counter() - t0
+    out["peak_rss_gib"] = rss.peak / 2**30
+    out["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+
+
+def rehearse_methods(
+    dataset: str, backbone: str, fraction: float, seeds: list[int], epochs: int, device: str
+) -> list[dict[str, Any]]:
+    """Run every notebook's method runs on :func:`rehearsal_features`; one record per notebook."""
+    from calib.experiments.runner import run_experiment
+
+    feats = rehearsal_features(dataset, backbone, fraction)
+    records = []
+    for notebook, spec in notebook_specs(seeds, epochs).items():
+        spec = _with_device(spec, device)
+        with measured(device) as m:
+            rows = run_experiment(spec, feats, write=False, reuse=False)
+        records.append(
+            {
+                "stage": "methods",
+                "dataset": dataset,
+                "backbone": backbone,
+                "notebook": notebook,
+                "runs": len(rows),
+                "train": len(feats.splits["train"]),
+                **m,
+            }
+        )
+        log.info("%s / %s / %s: %d runs in %.1f s", dataset, backbone, notebook, len(rows), m["seconds"])
+    return records
+
+
+def _with_device(spec: Any, device: str) -> Any:
+    """``spec`` with ``device`` set for every method that has a ``device`` option."""
+    import dataclasses
+
+    from calib.methods import make_options
+
+    def put(method: str, options: dict) -> dict:
+        return {**options, "device": device} if hasattr(make_options(method), "device") else options
+
+    variants = {label: (m, put(m, o)) for label, m, o in spec.runs()}
+    return dataclasses.replace(spec, methods=[], options={}, variants=variants)
+
+
+def rehearse_images(backbone: str, device: str, n_files: int, seconds: float) -> dict[str, Any]:
+    """Extraction throughput of ``backbone`` at random weights on ``device`` (model- and pipeline-bound)."""
+    from calib.clip.models import load_clip
+    from calib.clip.throughput import as_dict, measure
+
+    loaded = load_clip(backbone, "random", device=device)
+    with measured(device) as m:
+        t = measure(loaded, batch_size=64 if device.startswith("cuda") else 8, n_files=n_files, seconds=seconds)
+    return {"stage": "images", "backbone": backbone, **as_dict(t), **m}
+
+
+def stamp(device: str) -> dict[str, Any]:
+    """Where and with what the report was measured."""
+    import torch
+
+    from calib.clip.throughput import device_name
+    from calib.core.hashing import code_hash
+    from calib.evaluation.results import git_revision
+
+    return {
+        "device": device,
+        "device_name": device_name(device),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "commit": git_revision(),
+        "code_hash": code_hash(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def rehearse(
+    datasets: list[str],
+    backbones: list[str],
+    fraction: float,
+    seeds: list[int],
+    epochs: int,
+    device: str,
+    images: int = 256,
+    image_seconds: float = 5.0,
+    out: Path | None = None,
+) -> dict[str, Any]:
+    """The whole rehearsal; the report (and ``out``, when given, as JSON)."""
+    from calib.experiments.bench import gemm_peak
+
+    for name in datasets:
+        if name not in DATASET_GROUPS:
+            raise ValueError(f"unknown paper dataset {name!r}; known: {sorted(DATASET_GROUPS)}")
+    for name in backbones:
+        if name not in BACKBONE_DIMS:
+            raise ValueError(f"unknown paper backbone {name!r}; known: {sorted(BACKBONE_DIMS)}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    report: dict[str, Any] = {
+        "stamp": stamp(device),
+        "fraction": fraction,
+        "seeds": list(seeds),
+        "epochs": epochs,
+        "exact_sizes": [d for d in datasets if d in EXACT_SIZES],
+        "gemm_peak_gflops": gemm_peak(device=device),
+        "records": [],
+    }
+    for backbone in backbones:
+        if images:
+            report["records"].append(rehearse_images(backbone, device, images, image_seconds))
+        for dataset in datasets:
+            report["records"] += rehearse_methods(dataset, backbone, fraction, list(seeds), epochs, device)
+    if out is not None:
+        from calib.core.files import atomic_write_bytes
+
+        atomic_write_bytes(Path(out), json.dumps(report, indent=1, default=str).encode())
+    return report
+
+
+def render_report(report: dict[str, Any]) -> str:
+    """The report as a short text table: per record, what ran and what it cost."""
+    st = report["stamp"]
+    lines = [
+        f"rehearsal on {st['device_name']} ({st['device']}; torch {st['torch']}, commit {st['commit']}); fraction "
+        f"{report['fraction']}, seeds {report['seeds']}, {report['epochs']} epochs; GEMM peak "
+        f"{report['gemm_peak_gflops']:.0f} GFLOP/s",
+        f"{'stage':7} {'dataset':10} {'backbone':24} {'notebook':26} {'runs':>5} {'train':>7} {'s':>8} "
+        f"{'RSS GiB':>8} {'GPU GiB':>8}",
+    ]
+    for r in report["records"]:
+        gpu = "" if r.get("peak_gpu_gib") is None else f"{r['peak_gpu_gib']:.2f}"
+        if r["stage"] == "images":
+            what = f"{r['model_bound_img_s']:.1f} / {r['pipeline_bound_img_s']:.1f} img/s (model / pipeline)"
+            cost = f"{r['seconds']:8.1f} {r['peak_rss_gib']:8.2f} {gpu:>8}"
+            lines.append(f"{'images':7} {'':10} {r['backbone']:24} {what:40} {cost}")
+        else:
+            lines.append(
+                f"{'methods':7} {r['dataset']:10} {r['backbone']:24} {r['notebook']:26} {r['runs']:5d} {r['train']:7d} "
+                f"{r['seconds']:8.1f} {r['peak_rss_gib']:8.2f} {gpu:>8}"
+            )
+    return "\n".join(lines)

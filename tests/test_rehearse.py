@@ -1,0 +1,64 @@
+"""The paper profile's rehearsal (issue 20): synthetic inputs with each dataset's split and group sizes and each
+backbone's dimensions, every notebook's method runs grouped as the notebooks group them, one JSON report."""
+
+import json
+
+import numpy as np
+import pytest
+
+from calib.experiments.cli import main
+from calib.experiments.rehearse import (
+    BACKBONE_DIMS,
+    DATASET_GROUPS,
+    notebook_specs,
+    rehearsal_features,
+    rehearse,
+    render_report,
+)
+
+
+def test_rehearsal_features_have_the_real_shapes():
+    feats = rehearsal_features("celeba", "RN50-quickgelu", fraction=0.01)
+    assert feats.splits["train"].h.shape[1] == 2048 and feats.W0.shape == (2048, 1024)
+    counts = np.bincount(feats.splits["train"].g, minlength=4).tolist()
+    assert counts == [max(2, round(n * 0.01)) for n in DATASET_GROUPS["celeba"]["train"]]
+    assert sum(DATASET_GROUPS["celeba"]["train"]) == 162770 and sum(DATASET_GROUPS["waterbirds"]["test"]) == 5794
+    assert feats.n_groups == 4 and rehearsal_features("chexpert", "ViT-L-14-336-quickgelu", 0.001).n_groups == 12
+    assert feats.prompts.vectors.shape[1] == 1024  # the prompt methods read vectors of the embedding width
+    assert BACKBONE_DIMS["ViT-L-14-336-quickgelu"] == (1024, 768)
+
+
+def test_notebook_specs_follow_the_notebooks():
+    specs = notebook_specs([0, 1], epochs=3)
+    assert list(specs) == [f"0{i}_{n}" for i, n in enumerate(
+        ["quickstart", "spurious_correlation", "last_layer_retraining", "main_results", "ablations",
+         "feature_geometry", "cfr_dynamics"])]  # fmt: skip
+    main_runs = {label: method for label, method, _ in specs["03_main_results"].runs()}
+    assert "tpt" not in main_runs.values()  # per-image work: timed in the image stage
+    assert {"fairerclip", "orth_cali", "afr", "cfr"} <= set(main_runs.values())
+    assert main_runs["cfr [no group labels]"] == "cfr"  # both protocols, as run_grid makes them
+    assert specs["05_feature_geometry"].seeds == [0]
+
+
+def test_rehearse_writes_one_report(tmp_path):
+    out = tmp_path / "report.json"
+    report = rehearse(["waterbirds"], ["RN50-quickgelu"], 0.002, [0], 1, "cpu", images=2, image_seconds=0.2, out=out)
+    saved = json.loads(out.read_text())
+    assert saved["stamp"]["device"] == "cpu" and saved["gemm_peak_gflops"] > 0 and saved["fraction"] == 0.002
+    stages = [(r["stage"], r.get("notebook")) for r in saved["records"]]
+    assert stages[0] == ("images", None) and len(stages) == 1 + 7
+    images = saved["records"][0]
+    assert images["model_bound_img_s"] > 0 and images["pipeline_bound_img_s"] > 0 and images["gflop_per_image"] > 1
+    for r in saved["records"][1:]:
+        assert r["seconds"] > 0 and r["peak_rss_gib"] > 0.1 and r["runs"] >= 1 and r["peak_gpu_gib"] is None
+    assert "03_main_results" in render_report(report)
+
+
+def test_rehearse_rejects_unknown_names(capsys):
+    with pytest.raises(ValueError, match="unknown paper dataset"):
+        rehearse(["imagenet"], ["RN50-quickgelu"], 0.01, [0], 1, "cpu")
+    with pytest.raises(ValueError, match="unknown paper backbone"):
+        rehearse(["waterbirds"], ["ViT-B-32"], 0.01, [0], 1, "cpu")
+    with pytest.raises(SystemExit):
+        main(["rehearse", "--fraction", "0"])
+    assert "must be in (0, 1]" in capsys.readouterr().err
