@@ -62,3 +62,34 @@ def test_rehearse_rejects_unknown_names(capsys):
     with pytest.raises(SystemExit):
         main(["rehearse", "--fraction", "0"])
     assert "must be in (0, 1]" in capsys.readouterr().err
+
+
+def _report(path, device_name, time, methods_seconds=(3.0, 7.0)):
+    records = [{"stage": "images", "backbone": "RN50-quickgelu", "pipeline_bound_img_s": 1000.0}]
+    records += [
+        {"stage": "methods", "dataset": "waterbirds", "backbone": "RN50-quickgelu", "notebook": f"0{i}", "train": 48,
+         "seconds": s}
+        for i, s in enumerate(methods_seconds)
+    ]  # fmt: skip
+    stamp = {"device_name": device_name, "time": time, "commit": "abc", "device": "cuda"}
+    path.write_text(json.dumps({"stamp": stamp, "fraction": 0.01, "seeds": [0], "epochs": 10, "records": records}))
+
+
+def test_plan_reads_the_newest_report_of_its_device(tmp_path):
+    from calib.experiments.plan import full_size_plan, latest_speeds
+
+    _report(tmp_path / "old.json", "H200", "2026-01-01T00:00:00Z", (100.0, 100.0))
+    _report(tmp_path / "new.json", "H200", "2026-02-01T00:00:00Z")
+    _report(tmp_path / "other.json", "A100", "2026-03-01T00:00:00Z")
+    (tmp_path / "broken.json").write_text("{")
+    speeds = latest_speeds("H200", tmp_path)
+    assert speeds.path.name == "new.json" and latest_speeds("V100", tmp_path) is None
+    plan = full_size_plan((("RN50-quickgelu", "openai"), ("ViT-L-14-336-quickgelu", "openai")), 5, speeds)
+    row = next(r for r in plan.rows if (r.dataset, r.model) == ("waterbirds", "RN50-quickgelu"))
+    assert row.source == "measured"
+    assert row.extraction_h == pytest.approx(11788 / 1000 / 3600)
+    # 10 s measured at 48 training images, 1 seed, 10 epochs -> 4795 images, 5 seeds, 100 epochs
+    assert row.methods_h == pytest.approx(10 * 4795 / 48 * 5 * 10 / 3600)
+    assert {r.source for r in plan.rows if r != row} == {"assumed"}  # nothing measured for them
+    text = plan.render()
+    assert "measured on H200 by new.json" in text and "7 row(s) costed at assumed" in text

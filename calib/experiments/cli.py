@@ -442,18 +442,25 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from calib.experiments.plan import PAPER_BACKBONES, full_size_plan, paper_plan, parse_backbones
+    from calib.experiments.plan import PAPER_BACKBONES, full_size_plan, latest_speeds, paper_plan, parse_backbones
 
     backbones = parse_backbones(args.backbones) if args.backbones else PAPER_BACKBONES
+    speeds = None if args.assumed else latest_speeds()
     plan = (
-        full_size_plan(backbones, seeds=args.seeds)
+        full_size_plan(backbones, seeds=args.seeds, speeds=speeds)
         if args.full_size
-        else paper_plan(Path(args.data_dir), backbones, seeds=args.seeds)
+        else paper_plan(Path(args.data_dir), backbones, seeds=args.seeds, speeds=speeds)
     )
     if args.json:
         print(
             json.dumps(
-                {"rows": [asdict(r) for r in plan.rows], "skipped": plan.skipped, "gpu_hours": plan.gpu_hours}, indent=2
+                {
+                    "rows": [asdict(r) for r in plan.rows],
+                    "skipped": plan.skipped,
+                    "gpu_hours": plan.gpu_hours,
+                    "speeds": str(speeds.path) if speeds else None,
+                },
+                indent=2,
             )
         )
     else:
@@ -678,6 +685,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument(
         "--seeds", type=int, default=5, action=_Checked, check=_at_least(1), help="seeds per method (the paper: 5)"
+    )
+    pl.add_argument(
+        "--assumed", action="store_true", help="cost with the assumed constants, not this device's rehearsal report"
     )
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=_cmd_plan)

@@ -11,6 +11,7 @@ with ``python -m calib bench throughput`` / ``bench methods`` results from your 
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,79 @@ class PlanRow:
     train: int
     extraction_h: float
     methods_h: float
+    source: str = "assumed"  # "measured" (a rehearsal report) or "assumed" (the constants above)
+
+
+SPEEDS_DIR = Path(__file__).resolve().parent / "speeds"  # rehearsal reports (python -m calib rehearse --out)
+
+
+@dataclass
+class Speeds:
+    """Rates measured by a rehearsal (:mod:`calib.experiments.rehearse`) on one device."""
+
+    path: Path
+    report: dict
+
+    @property
+    def device_name(self) -> str:
+        return self.report["stamp"]["device_name"]
+
+    def img_s(self, model: str) -> float | None:
+        """Pipeline-bound extraction images/s of ``model``, None when the report did not measure it."""
+        for r in self.report["records"]:
+            if r["stage"] == "images" and r["backbone"] == model:
+                return float(r["pipeline_bound_img_s"])
+        return None
+
+    def methods_seconds(self, dataset: str, model: str, n_train: int, seeds: int, epochs: int = 100) -> float | None:
+        """Seconds of every notebook's method runs for ``(dataset, model)`` at ``n_train`` training images,
+        ``seeds`` seeds and ``epochs`` epochs: the measured seconds scaled linearly by training size, seeds and
+        epochs where the rehearsal ran fewer (an upper bound: fixed costs and lanes grow less than linearly).
+        None when the report did not rehearse that pair."""
+        recs = [
+            r
+            for r in self.report["records"]
+            if r["stage"] == "methods" and (r["dataset"], r["backbone"]) == (dataset, model)
+        ]
+        if not recs:
+            return None
+        scale = n_train / recs[0]["train"] * seeds / len(self.report["seeds"]) * epochs / self.report["epochs"]
+        return sum(r["seconds"] for r in recs) * scale
+
+    def describe(self) -> str:
+        st, rep = self.report["stamp"], self.report
+        scaled = rep["fraction"] < 1 or rep["epochs"] != 100 or len(rep["seeds"]) != len(PAPER_SEEDS)
+        return (
+            f"measured on {st['device_name']} by {self.path.name} (commit {st['commit']}, fraction {rep['fraction']}, "
+            f"{len(rep['seeds'])} seeds, {rep['epochs']} epochs"
+            + ("; scaled linearly to the full size, seeds and epochs: an upper bound)" if scaled else ")")
+        )
+
+
+def current_device_name() -> str:
+    """The name rehearsal reports record for the device this process would run on (the GPU when present)."""
+    import torch
+
+    from calib.clip.throughput import device_name
+
+    return device_name("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def latest_speeds(device_name: str | None = None, folder: Path = SPEEDS_DIR) -> Speeds | None:
+    """The newest rehearsal report in ``folder`` measured on ``device_name`` (default: this machine's device)."""
+    name = device_name or current_device_name()
+    found = []
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            report = json.loads(path.read_text())
+            if report["stamp"]["device_name"] == name:
+                found.append((report["stamp"]["time"], path, report))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            log.warning("rehearsal report %s cannot be read (%s); ignored", path, err)
+    if not found:
+        return None
+    _, path, report = max(found, key=lambda t: t[0])
+    return Speeds(path, report)
 
 
 @dataclass
@@ -74,6 +148,7 @@ class Plan:
     rows: list[PlanRow] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     seeds: int = len(PAPER_SEEDS)  # seeds per method, for the run count and the estimate
+    speeds: Speeds | None = None  # the rehearsal report the measured rows come from
 
     @property
     def gpu_hours(self) -> float:
@@ -95,10 +170,17 @@ class Plan:
         unknown = sorted({r.model for r in self.rows if r.model not in ASSUMED_IMG_S})
         if unknown:
             lines.append(f"no assumed speed for {', '.join(unknown)}: costed at the ViT-L-14 speed")
-        lines.append(
-            f"estimated total: {self.gpu_hours:.1f} GPU hours (assumed single-GPU speeds, see "
-            "calib/experiments/plan.py)"
-        )
+        measured = [r for r in self.rows if r.source == "measured"]
+        if self.speeds is not None and measured:
+            lines.append(f"speeds {self.speeds.describe()}")
+        if len(measured) < len(self.rows):
+            lines.append(
+                f"{len(self.rows) - len(measured)} row(s) costed at assumed single-GPU speeds (calib/experiments/"
+                "plan.py: ASSUMED_IMG_S, ASSUMED_METHOD_S), not measured: no rehearsal report for this device"
+                + (" covers them" if self.speeds is not None else "")
+            )
+        where = f"hours on {self.speeds.device_name}" if measured else "GPU hours, assumed"
+        lines.append(f"estimated total: {self.gpu_hours:.1f} {where}")
         return "\n".join(lines)
 
 
@@ -129,11 +211,35 @@ def method_seconds(n_train: int, seeds: int = len(PAPER_SEEDS)) -> float:
     return per_seed * seeds * n_train / WATERBIRDS_TRAIN
 
 
+def plan_row(
+    dataset: str, model: str, pretrained: str, images: int, train: int, seeds: int, speeds: Speeds | None
+) -> PlanRow:
+    """One (dataset, backbone)'s cost: measured rates where ``speeds`` has them, the assumed constants otherwise."""
+    img_s = speeds.img_s(model) if speeds else None
+    method_s = speeds.methods_seconds(dataset, model, train, seeds) if speeds else None
+    measured = img_s is not None and method_s is not None
+    return PlanRow(
+        dataset,
+        model,
+        pretrained,
+        images,
+        train,
+        images / (img_s if measured else _img_s(model)) / 3600,
+        (method_s if measured else method_seconds(train, seeds)) / 3600,
+        "measured" if measured else "assumed",
+    )
+
+
 def paper_plan(
-    data_dir: Path, backbones: tuple = PAPER_BACKBONES, check_files: bool = False, seeds: int = len(PAPER_SEEDS)
+    data_dir: Path,
+    backbones: tuple = PAPER_BACKBONES,
+    check_files: bool = False,
+    seeds: int = len(PAPER_SEEDS),
+    speeds: Speeds | None = None,
 ) -> Plan:
-    """Which datasets are present under ``data_dir`` and the estimated cost of the paper profile."""
-    plan = Plan(seeds=seeds)
+    """Which datasets are present under ``data_dir`` and the estimated cost of the paper profile (measured rates
+    from ``speeds``, a rehearsal report, where it has them)."""
+    plan = Plan(seeds=seeds, speeds=speeds)
     for name in PAPER_DATASETS:
         root = Path(data_dir) / name
         if not root.exists():
@@ -147,21 +253,13 @@ def paper_plan(
         n_images = sum(len(t) for t in ds.splits.values())
         n_train = len(ds.splits["train"])
         for model, pretrained in backbones:
-            plan.rows.append(
-                PlanRow(
-                    dataset=name,
-                    model=model,
-                    pretrained=pretrained,
-                    images=n_images,
-                    train=n_train,
-                    extraction_h=n_images / _img_s(model) / 3600,
-                    methods_h=method_seconds(n_train, seeds) / 3600,
-                )
-            )
+            plan.rows.append(plan_row(name, model, pretrained, n_images, n_train, seeds, speeds))
     return plan
 
 
-def full_size_plan(backbones: tuple = PAPER_BACKBONES, seeds: int = len(PAPER_SEEDS)) -> Plan:
+def full_size_plan(
+    backbones: tuple = PAPER_BACKBONES, seeds: int = len(PAPER_SEEDS), speeds: Speeds | None = None
+) -> Plan:
     """The plan with every paper dataset present at its published size (for the cost estimate)."""
     # (images, training images): Waterbirds and CelebA exact; MetaShift and CheXpert approximate (they depend
     # on the construction: CheXpert-small has 223,648 rows before the demographics join)
@@ -171,12 +269,8 @@ def full_size_plan(backbones: tuple = PAPER_BACKBONES, seeds: int = len(PAPER_SE
         "metashift": (3447, 2275),
         "chexpert": (223648, 167700),
     }
-    plan = Plan(seeds=seeds)
+    plan = Plan(seeds=seeds, speeds=speeds)
     for name, (n, n_train) in sizes.items():
         for model, pretrained in backbones:
-            plan.rows.append(
-                PlanRow(
-                    name, model, pretrained, n, n_train, n / _img_s(model) / 3600, method_seconds(n_train, seeds) / 3600
-                )
-            )
+            plan.rows.append(plan_row(name, model, pretrained, n, n_train, seeds, speeds))
     return plan
