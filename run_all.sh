@@ -57,7 +57,7 @@ source "$ROOT/scripts/bootstrap.sh"
 declare -a stage_names=() stage_secs=()
 stage() { stage_names+=("$1"); stage_secs+=("$2"); echo "[calib] $1: $2 s"; }
 
-t=$SECONDS; calib_bootstrap "$ROOT"; stage "environment set-up" $((SECONDS - t))
+t=$SECONDS; calib_bootstrap "$ROOT" "calib, open_clip, papermill, ipykernel"; stage "environment set-up" $((SECONDS - t))
 export CALIB_HOME="${CALIB_HOME:-$ROOT}"
 export PYTHONHASHSEED=0
 cd "$ROOT"

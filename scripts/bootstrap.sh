@@ -1,5 +1,5 @@
-# Sourced by run_all.sh and run_tests.sh.  `calib_bootstrap ROOT` sets PY to a Python that has calib
-# and everything it needs:
+# Sourced by run_all.sh and run_tests.sh.  `calib_bootstrap ROOT [MODULES]` sets PY to a Python that has calib
+# and everything it needs (MODULES: what the caller imports, comma-separated; default: the test suite's):
 #   default                  a project virtual environment at $CALIB_VENV (default ROOT/.venv), created
 #                            on first use and re-installed whenever pyproject.toml changes;
 #   CALIB_USE_CURRENT_ENV=1  the current interpreter ($PYTHON or python3: conda, Colab, your own venv);
@@ -30,10 +30,10 @@ calib_check_space() {
 }
 
 calib_bootstrap() {
-  local root="$1"
+  local root="$1" needs="${2:-calib, open_clip, papermill, pytest, ruff}"  # modules the caller needs
   if [ "${CALIB_USE_CURRENT_ENV:-0}" = "1" ]; then
     PY="${PYTHON:-python3}"
-    if ! "$PY" -c "import calib, open_clip, papermill, pytest, ruff" >/dev/null 2>&1; then
+    if ! "$PY" -c "import $needs" >/dev/null 2>&1; then
       echo "[calib] installing calib into the current environment ($PY)"
       _calib_pip "$PY" -m pip install -q -e "$root[dev]"
     fi

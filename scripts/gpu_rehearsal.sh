@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The one prepared GPU check of issue 20 (item 7), run on the GPU machine in the machine's own environment:
+#   1. the GPU tests (tests/test_gpu.py) and the lane-vs-single equalities (tests/test_lanes.py) on CUDA;
+#   2. python -m calib rehearse (every notebook's method runs at the real shapes, extraction throughput);
+#   3. a cold toy ./run_all.sh (fresh caches: the toy CLIPs are trained there);
+#   4. ./run_all.sh --profile paper --quick on fixture data with random RN50 and ViT-L/14-336;
+# each step's log, the rehearsal report and summary.json go to $OUT (the folder the GPU machine sends back).
+#
+# There (device tool; wheels from scripts/gpu_wheels.sh, carried):  run  command="scripts/gpu_rehearsal.sh"
+#   carry=[".whl"]  timeout_s=590.  Here, on the CPU, at a small size first:
+#   OUT=/tmp/gpu_out FRACTION=0.002 SEEDS=0 EPOCHS=2 BACKBONES=RN50-quickgelu SKIP_TOY=1 PAPER_DATASETS=metashift \
+#   scripts/gpu_rehearsal.sh   (about 10 min on 2 cores, most of it M2IB in 07_attribution)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+OUT="${OUT:-$ROOT/gpu_out}"
+FRACTION="${FRACTION:-0.05}"     # share of every split in the rehearsal (plan scales it up linearly)
+SEEDS="${SEEDS:-0 1 2 3 4}"      # rehearsal seeds (lanes)
+EPOCHS="${EPOCHS:-100}"          # rehearsal epochs (the release's 100)
+DATASETS="${DATASETS:-waterbirds,celeba,metashift,chexpert}"
+BACKBONES="${BACKBONES:-RN50-quickgelu,ViT-L-14-336-quickgelu}"
+SKIP_TOY="${SKIP_TOY:-0}"        # 1: leave out the cold toy run_all (minutes on a CPU)
+PAPER_DATASETS="${PAPER_DATASETS:-waterbirds celeba metashift chexpert}"  # fixtures the quick paper profile runs
+PY="${PYTHON:-python3}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONHASHSEED=0
+if [ -d .whl ] && ! "$PY" -c 'import open_clip, papermill, ipykernel' 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "[gpu] installing the carried wheels failed" >&2; exit 1; }
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" CALIB_USE_CURRENT_ENV=1 PYTHON="$PY"
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+
+steps=()
+step() {  # step NAME LOG COMMAND...: run, log to $OUT/LOG, record rc and seconds
+  local name="$1" log="$2" t0=$SECONDS rc
+  shift 2
+  echo "[gpu] $name ..."
+  "$@" > "$OUT/$log" 2>&1
+  rc=$?
+  steps+=("{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $((SECONDS - t0)), \"log\": \"$log\"}")
+  echo "[gpu] $name: rc $rc, $((SECONDS - t0)) s"
+}
+
+{ nvidia-smi 2>&1 || true; "$PY" -c 'import sys, torch; print(sys.version); print("torch", torch.__version__,
+  "cuda", torch.version.cuda, "available", torch.cuda.is_available())'; } > "$OUT/env.txt" 2>&1
+
+step "gpu tests" pytest_gpu.log "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py tests/test_lanes.py
+step "rehearsal" rehearsal.txt env CALIB_HOME="$WORK/rehearse" "$PY" -m calib rehearse --datasets "$DATASETS" \
+  --backbones "$BACKBONES" --fraction "$FRACTION" --seeds $SEEDS --epochs "$EPOCHS" --out "$OUT/rehearsal.json"
+if [ "$SKIP_TOY" != 1 ]; then
+  step "cold toy run_all" run_all_toy.log env CALIB_HOME="$WORK/toy" ./run_all.sh --use-current-env
+  mkdir -p "$OUT/toy_figures" && cp "$WORK"/toy/figures/*.md "$OUT/toy_figures/" 2>/dev/null
+fi
+"$PY" -c 'import sys; from tests.fixtures import write_paper_data_dir; write_paper_data_dir(sys.argv[1])' "$WORK/data"
+for ds in waterbirds celeba metashift chexpert; do
+  case " $PAPER_DATASETS " in *" $ds "*) ;; *) rm -rf "${WORK:?}/data/$ds" ;; esac
+done
+step "paper profile quick" paper_quick.log env CALIB_HOME="$WORK/paper" ./run_all.sh --use-current-env \
+  --profile paper --quick --data-dir "$WORK/data" --backbones "${BACKBONES//,/:random,}:random"
+
+printf '{"out": "%s", "fraction": %s, "steps": [%s]}\n' "$OUT" "$FRACTION" "$(IFS=,; echo "${steps[*]}")" \
+  > "$OUT/summary.json"
+cat "$OUT/summary.json"
+tail -n 40 "$OUT/rehearsal.txt"
