@@ -218,6 +218,17 @@ def test_afr_weights_by_hand():
     np.testing.assert_allclose(afr_weights(np.array([0.9, 0.5, 0.2]), np.array([0, 0, 1]), 2.0), raw / raw.sum())
 
 
+def test_afr_one_point_grid_is_that_lane_of_a_larger_grid():
+    from tests.test_methods import _synthetic
+
+    data = _synthetic()
+    opts = {"steps": 30, "lambdas": [0.0], "selection": "last"}  # "last": the last step of the first grid point
+    one = run_method("afr", data, options={**opts, "gammas": [4.0]}).instance
+    two = run_method("afr", data, options={**opts, "gammas": [4.0, 8.0]}).instance
+    assert afr_weights(np.array([0.9, 0.2]), np.array([0, 1]), np.array([2.0])).shape == (1, 2)
+    np.testing.assert_allclose(one.W, two.W, rtol=1e-5, atol=1e-7)
+
+
 def test_afr_step_by_hand():
     t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
     zero_W, zero_b = t([[0.0], [0.0]]), t([0.0, 0.0])

@@ -109,11 +109,11 @@ def afr_weights(p_true: np.ndarray, y: np.ndarray, gamma: float | np.ndarray) ->
     """AFR's sample weights ``w_i = exp(-gamma p_i) / N_{y_i}``, normalised to sum 1 (``losses/__init__.py``,
     ``utils/supervised_utils.py``).  ``p_true [n]``: the base head's probability of the true class; ``gamma``
     a number or ``[G]`` (then ``[G, n]``, one row per gamma)."""
-    gamma = np.atleast_1d(np.asarray(gamma, np.float64))
+    gammas = np.atleast_1d(np.asarray(gamma, np.float64))
     counts = np.bincount(y)
-    w = np.exp(-gamma[:, None] * p_true[None, :]) / counts[y][None, :]
+    w = np.exp(-gammas[:, None] * p_true[None, :]) / counts[y][None, :]
     w = w / w.sum(1, keepdims=True)
-    return w if w.shape[0] > 1 or np.ndim(gamma) == 0 else w[0]
+    return w[0] if np.ndim(gamma) == 0 else w
 
 
 def afr_step(
