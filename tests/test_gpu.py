@@ -56,3 +56,39 @@ def test_bf16_extraction_matches_fp32(model):
             _, z16 = encode_pre_projection(loaded.model, x)
     cos = torch.nn.functional.cosine_similarity(z16.float(), z32, dim=1)
     assert (cos >= 0.999).all(), cos.tolist()
+
+
+def test_tf32_is_switched_on_for_the_training_step_only():
+    from calib.methods.precision import training_precision
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    with training_precision("tf32", torch.device("cuda")):
+        assert torch.backends.cuda.matmul.allow_tf32
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_faster_precisions_train_cfr_close_to_fp32(precision):
+    synth = synthetic_features(d_h=64, d=32, scale=0.2, seed=5)
+    opts = {"epochs": 5, "reference_epochs": 5, "batch_size": 32, "device": "cuda"}
+    fp32 = run_method("cfr", synth, 0, opts)
+    fast = run_method("cfr", synth, 0, {**opts, "precision": precision})
+    for a, b in zip(fp32.history, fast.history):
+        assert b["loss"] == pytest.approx(a["loss"], rel=0.05), a["epoch"]
+    assert np.mean(fp32.predictions["test"] == fast.predictions["test"]) >= 0.9
+
+
+def test_lane_memory_bounds_the_measured_peak():
+    from calib.methods import get_method_class, make_options, run_methods
+    from calib.methods.base import MEMORY_MARGIN
+
+    synth = synthetic_features(d_h=1024, d=768, scale=0.5, seed=0)
+    opts = {"epochs": 2, "reference_epochs": 2, "device": "cuda"}
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run_methods("cfr", synth, [0, 1, 2, 3], [opts] * 4)
+    peak = torch.cuda.max_memory_allocated() - base
+    _, shared, per_lane = get_method_class("cfr").lane_memory(synth, make_options("cfr", opts))
+    assert peak <= MEMORY_MARGIN * (shared + 4 * per_lane), (peak, shared, per_lane)

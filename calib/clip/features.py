@@ -524,6 +524,7 @@ def build_feature_set(
             "weights": loaded.fingerprint,
             "dataset_version": dataset.version,
             "device": loaded.device,
+            "precision": "bf16-autocast" if resolve_amp(loaded, extract_kwargs.get("amp")) else "fp32",
         },
     )
 

@@ -266,9 +266,11 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def flatten_row(row: dict[str, Any]) -> dict[str, Any]:
-    """A result row with ``metrics`` spread into ``<split>.<metric>`` columns and provenance dropped
-    (its ``time`` kept)."""
-    flat = {k: v for k, v in row.items() if k not in ("metrics", "provenance")}
+    """A result row with ``metrics`` spread into ``<split>.<metric>`` columns, ``compute`` into ``compute.<field>``
+    columns, and provenance dropped (its ``time`` kept)."""
+    flat = {k: v for k, v in row.items() if k not in ("metrics", "provenance", "compute")}
+    for name, value in (row.get("compute") or {}).items():
+        flat[f"compute.{name}"] = value
     for split, metrics in row.get("metrics", {}).items():
         for name, value in metrics.items():
             flat[f"{split}.{name}"] = value

@@ -25,6 +25,7 @@ from calib.data import prepare_dataset
 from calib.evaluation.results import append_rows, flatten_row, make_row, read_rows, results_path
 from calib.methods import MethodRun, make_options, run_methods
 from calib.methods.base import SUBSAMPLE_SEED, RunContext, evaluate_instance
+from calib.methods.precision import compute_record
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +208,7 @@ def _make_row(
             "label_needs": run.label_needs,
             "seconds": run.seconds,
             "lanes": run.lanes,
+            "compute": compute_record(run.options, features.meta.get("precision")),
             "epochs_run": len(run.history),
             "selected_epoch": selected,
             "group_names": features.group_names,

@@ -55,6 +55,31 @@ class Adapter(LaneModule):
         return self.scale * self.embed(z) @ self.text.T
 
 
+# anchors whose similarities to the training set are held at once: [chunk, n] floats, about 1 GiB at CelebA size
+# (the toy's anchors fit in one chunk)
+NEIGHBOUR_CHUNK_ELEMENTS = 2**28
+
+
+def nearest_neighbours(
+    zn: torch.Tensor, y: torch.Tensor, anchors: torch.Tensor, positives: int, negatives: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each anchor (indices into ``zn [n, d]``, unit rows), its ``positives`` most similar same-class samples
+    (itself excluded) and its ``negatives`` most similar other-class samples: ``[k, P]``, ``[k, N]``.  Anchors are
+    taken in chunks so the ``[k, n]`` similarity matrix is never held whole."""
+    n = len(zn)
+    chunk = max(1, NEIGHBOUR_CHUNK_ELEMENTS // n)
+    pos, neg = [], []
+    for start in range(0, len(anchors), chunk):
+        part = anchors[start : start + chunk]
+        sim = zn[part] @ zn.T
+        same = y[part][:, None] == y[None, :]
+        sim_pos = sim.masked_fill(~same, -2.0)
+        sim_pos[torch.arange(len(part)), part] = -2.0  # not itself
+        pos.append(sim_pos.topk(min(positives, n - 1), dim=1).indices)
+        neg.append(sim.masked_fill(same, -2.0).topk(min(negatives, n), dim=1).indices)
+    return torch.cat(pos), torch.cat(neg)
+
+
 @dataclass
 class AdapterOptions(ProjectionOptions):
     hidden_ratio: float = option(0.25, gt=0)  # bottleneck width as a fraction of the embedding size
@@ -98,9 +123,17 @@ class ContrastiveAdapter(ProjectionMethod):
     summary = "contrastive adapter on frozen embeddings (hard zero-shot samples as anchors)"
     uses = ("z", "text", "train")
     shared_options = ProjectionMethod.shared_options + ("hidden_ratio", "hard_fraction", "positives", "negatives")
+    input_field = "z"
 
-    def inputs(self, split: SplitFeatures) -> np.ndarray:
-        return split.z
+    @classmethod
+    def lane_params(cls, data: FeatureSet, options: AdapterOptions) -> int:
+        d = data.text.shape[1]
+        hidden = max(1, int(d * options.hidden_ratio))
+        return 2 * d * hidden + hidden + d
+
+    @classmethod
+    def step_rows(cls, options: AdapterOptions) -> int:
+        return 1 + options.positives + options.negatives
 
     @classmethod
     def fit_lanes(cls, methods: list[ContrastiveAdapter], data: FeatureSet, seeds: list[int]) -> None:
@@ -113,12 +146,7 @@ class ContrastiveAdapter(ProjectionMethod):
         true_cos = (zn * text[y]).sum(1)
         k = max(1, int(round(o.hard_fraction * len(zn))))
         hard = torch.argsort(true_cos)[:k]  # farthest from their own class prompt
-        sim = zn[hard] @ zn.T
-        same = y[hard][:, None] == y[None, :]
-        sim_pos = sim.masked_fill(~same, -2.0)
-        sim_pos[torch.arange(k), hard] = -2.0  # not itself
-        pos_all = sim_pos.topk(min(o.positives, len(zn) - 1), dim=1).indices
-        neg_all = sim.masked_fill(same, -2.0).topk(min(o.negatives, len(zn)), dim=1).indices
+        pos_all, neg_all = nearest_neighbours(zn, y, hard, o.positives, o.negatives)
         orders = [torch.randperm(k, generator=torch.Generator().manual_seed(seed)).to(device) for seed in seeds]
         anchors = torch.stack([hard[order] for order in orders])  # [S, k]: each lane's anchor order
         pos = torch.stack([pos_all[order] for order in orders])  # [S, k, P]

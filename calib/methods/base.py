@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import operator
+import os
 import time
 import types
 import typing
@@ -113,6 +114,13 @@ class Method:
     def lane_key(cls, options: Any) -> Hashable | None:
         """Runs whose options give the same key can be fitted together by :meth:`fit_lanes` (one pass,
         several seeds or settings); ``None``: this method fits one run at a time."""
+        return None
+
+    @classmethod
+    def lane_memory(cls, data: FeatureSet, options: Any) -> tuple[str, int, int] | None:
+        """``(device, bytes shared by a pass, bytes per lane)``: an upper-bound estimate of the memory a pass of
+        lanes holds on its device (:func:`split_passes` splits a pass that would not fit); ``None``: not estimated,
+        never split."""
         return None
 
     @classmethod
@@ -447,7 +455,7 @@ def run_methods(
         key = cls.lane_key(method.options)
         passes.setdefault(("alone", i) if key is None or inputs[i] is not data else key, []).append(i)
     out: list[MethodRun | None] = [None] * len(seeds)
-    for members in passes.values():
+    for members in (part for group in passes.values() for part in split_passes(cls, data, methods, group)):
         t0 = time.perf_counter()
         if len(members) == 1:  # alone: global generators seeded too, for methods that draw from them
             seed_everything(seeds[members[0]])
@@ -462,6 +470,57 @@ def run_methods(
         if on_pass is not None:
             on_pass({i: out[i] for i in members})
     return out
+
+
+# headroom over the estimate (autograd's transient buffers, the allocator's fragmentation)
+MEMORY_MARGIN = 1.5
+
+
+def memory_budget(device: str) -> int | None:
+    """Bytes a pass may hold on ``device``: ``CALIB_LANE_MEMORY_GIB`` when set, else 80 % of the GPU's free memory,
+    or half of the host's available memory on a CPU; ``None`` when unknown."""
+    env = os.environ.get("CALIB_LANE_MEMORY_GIB")
+    if env:
+        return int(float(env) * 2**30)
+    if device.startswith("cuda"):
+        import torch
+
+        return int(0.8 * torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024 // 2
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def split_passes(cls: type[Method], data: FeatureSet, methods: list[Method], members: list[int]) -> list[list[int]]:
+    """``members`` (indices into ``methods``, one pass of lanes) as consecutive passes that each fit the device's
+    :func:`memory_budget` by :meth:`Method.lane_memory` (with :data:`MEMORY_MARGIN`); one pass when they all fit.
+    Lanes are independent, so a split changes the time, not the numbers (``tests/test_lanes.py``)."""
+    if len(members) < 2:
+        return [members]
+    estimate = cls.lane_memory(data, methods[members[0]].options)
+    if estimate is None:
+        return [members]
+    device, shared, per_lane = estimate
+    budget = memory_budget(device)
+    need = MEMORY_MARGIN * (shared + per_lane * len(members))
+    if budget is None or need <= budget:
+        return [members]
+    fit = max(1, int((budget / MEMORY_MARGIN - shared) // max(per_lane, 1)))
+    parts = [members[i : i + fit] for i in range(0, len(members), fit)]
+    log.warning(
+        "%s: %d lanes need about %.1f GiB on %s, %.1f GiB available: split into %d passes of at most %d lanes",
+        cls.name,
+        len(members),
+        need / 2**30,
+        device,
+        budget / 2**30,
+        len(parts),
+        fit,
+    )
+    return parts
 
 
 def evaluate_instance(

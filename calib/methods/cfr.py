@@ -59,6 +59,7 @@ from calib.methods.projection import (
     ProjectionMethod,
     Step,
     fit_methods,
+    lane_predictions,
     resolve_device,
 )
 
@@ -113,6 +114,7 @@ class CFROptions:
     selection: str = "val_wga"  # epoch selection: val_wga | val_worst_class | last
     faithful_release: bool = False  # reproduce the released negatives / eval dropout / stuck schedule
     device: str = "auto"  # cuda when present
+    precision: str = "fp32"  # training arithmetic: fp32 | tf32 | bf16 (calib.methods.precision; scoring is fp32)
 
     def validate(self) -> None:
         for name, allowed in CHOICES.items():
@@ -134,6 +136,7 @@ class CFROptions:
             dropout=dropout,
             selection=self.selection,
             device=self.device,
+            precision=self.precision,
             logit_scale_init=self.logit_scale_init,
         )
 
@@ -406,7 +409,20 @@ class CFR(ProjectionMethod):
         "tsc_temperature",
         "tsc_target_weight",
         "device",
+        "precision",
     )
+
+    @classmethod
+    def step_rows(cls, options: CFROptions) -> int:
+        return 2 + options.positives + options.negatives
+
+    @classmethod
+    def lane_extra_bytes(cls, data: FeatureSet, options: CFROptions) -> int:
+        # the epoch's draws (int64: regular row, anchor, its label, positives, negatives per step sample), the
+        # sampler's per-anchor tables (at most the training set), and the frozen reference head's parameters
+        n = len(data.splits["train"])
+        k = 3 + options.positives + options.negatives
+        return 8 * n * k * 2 + 4 * cls.lane_params(data, options)
 
     @classmethod
     def lane_key(cls, options: CFROptions):
@@ -523,7 +539,7 @@ class CFR(ProjectionMethod):
             n_steps.zero_()
             shifts = torch.linalg.matrix_norm(hd.W - W0).tolist()
             scales = hd.log_s.exp().tolist()
-            preds = hd(h).argmax(-1).cpu().numpy()
+            preds = lane_predictions(hd, h)
             out = []
             for i, o in enumerate(opts):
                 rec = {f"loss_{k}": means[j][i] for j, k in enumerate(("anchor_ce", "contrastive", "regularizer"))}

@@ -70,13 +70,16 @@ class _KeyLogSumExp(torch.autograd.Function):
         s = p.sum(-1, keepdim=True)
         p.div_(s)  # the softmax
         ctx.save_for_backward(p, keys)
-        ctx.t = t
+        ctx.t, ctx.q_dtype = t, q.dtype
         return (m + s.log2()).squeeze(-1) / LOG2E
 
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         p, keys = ctx.saved_tensors
-        return torch.matmul(p * (g / ctx.t).unsqueeze(-1), keys), None, None
+        # under bf16 autocast the softmax is bf16 and the keys may be fp32: one dtype for the product (a no-op in fp32)
+        dtype = torch.promote_types(p.dtype, keys.dtype)
+        grad = torch.matmul((p * (g / ctx.t).unsqueeze(-1)).to(dtype), keys.to(dtype))
+        return grad.to(ctx.q_dtype), None, None
 
 
 def key_logsumexp(q: torch.Tensor, keys: torch.Tensor, t: float) -> torch.Tensor:
@@ -199,6 +202,6 @@ class TSCLoss(nn.Module):
         K = self.queue.shape[1]
         n = min(q.shape[1], K)
         slots = ((self.ptr + torch.arange(n)) % K).to(q.device)
-        self.queue[:, slots] = q[:, :n]
+        self.queue[:, slots] = q[:, :n].to(self.queue.dtype)  # bf16 training keeps an fp32 queue
         self.queue_labels[:, slots] = labels[:, :n]
         self.ptr = int((self.ptr + n) % K)

@@ -25,8 +25,12 @@ from calib.clip.features import FeatureSet, SplitFeatures
 from calib.core.metrics import group_accuracy, worst_class_accuracy, worst_group_accuracy
 from calib.methods.base import Method, option, register
 from calib.methods.lanes import LaneModule, lane_cross_entropy, lane_dropout, lane_generators, unit
+from calib.methods.precision import check_precision, forward_autocast, training_precision
 
 log = logging.getLogger(__name__)
+
+# projection-training methods that optimise with Adam (two state tensors per parameter; the rest: SGD momentum)
+ADAM_METHODS = ("contrastive_adapter", "groupdro")
 
 # rule -> group labels it reads
 SELECTION_RULES = {"val_wga": "val_groups", "val_worst_class": "none", "last": "none"}
@@ -44,6 +48,16 @@ def initial_logit_scale(data: FeatureSet, rule: str) -> float:
     if rule == "pretrained":
         return float(data.logit_scale)
     raise ValueError(f"logit_scale_init={rule!r}; allowed: {list(LOGIT_SCALE_INITS)}")
+
+
+# samples per forward pass when scoring every lane on a split: memory O(S * chunk * d), not O(S * n * d)
+# (splits up to this size are scored in one pass, as before)
+EVAL_CHUNK = 16384
+
+
+def lane_predictions(head: LaneModule, x: torch.Tensor) -> np.ndarray:
+    """Each lane's predicted class on inputs ``x [n, d_in]``: ``[S, n]``, scored :data:`EVAL_CHUNK` rows at a time."""
+    return torch.cat([head(x[i : i + EVAL_CHUNK]).argmax(-1) for i in range(0, len(x), EVAL_CHUNK)], 1).cpu().numpy()
 
 
 def resolve_device(device: str) -> torch.device:
@@ -148,6 +162,7 @@ class ProjectionOptions:
     dropout: float = option(0.0, ge=0, lt=1)  # dropout on the normalised image feature, training only
     selection: str = "val_wga"  # epoch selection: val_wga | val_worst_class | last
     device: str = "auto"  # cuda when present
+    precision: str = "fp32"  # training arithmetic: fp32 | tf32 | bf16 (calib.methods.precision; scoring is fp32)
 
 
 @dataclass
@@ -215,6 +230,7 @@ def fit_head(
     if opts.epochs < 1:
         raise ValueError("epochs must be >= 1")
     device = resolve_device(opts.device)
+    precision = check_precision(opts.precision)
     head = head.to(device)
     S = len(seeds)
     if head.lanes != S:
@@ -243,9 +259,11 @@ def fit_head(
         grad_sum = torch.zeros(S, device=device)
         starts = range(0, n, opts.batch_size)
         for start in starts:
-            loss = step_loss(head, Step(order[:, start : start + opts.batch_size], epoch, start))
-            opt.zero_grad(set_to_none=True)
-            loss.sum().backward()
+            with training_precision(precision, device):
+                with forward_autocast(precision, device):
+                    loss = step_loss(head, Step(order[:, start : start + opts.batch_size], epoch, start)).float()
+                opt.zero_grad(set_to_none=True)
+                loss.sum().backward()
             with torch.no_grad():  # accumulated on the device: no host sync inside the step
                 loss_sum += loss.detach()
                 grad_sum += lane_grad_norm(params, S)
@@ -255,7 +273,7 @@ def fit_head(
         recs = [{"epoch": epoch, "loss": losses[s], "grad_norm": grads[s]} for s in range(S)]
         if val is not None:
             with torch.no_grad():
-                preds = head(h_val).argmax(-1).cpu().numpy()
+                preds = lane_predictions(head, h_val)
             for rec, pred in zip(recs, preds):
                 val_groups = group_accuracy(pred, val.y, val.g, data.n_groups)
                 rec["val_wga"] = float(np.nanmin(val_groups))
@@ -325,6 +343,7 @@ class ProjectionMethod(Method):
     one lane).  Subclasses implement :meth:`fit_lanes`; ``fit`` is its one-lane case."""
 
     uses = ("h", "text", "train")
+    input_field: ClassVar[str] = "h"  # what the head consumes: "h" (pre-projection features) or "z" (embeddings)
     # options that must agree for runs to train as lanes of one pass (the others may differ lane by lane)
     shared_options: ClassVar[tuple[str, ...]] = (
         "epochs",
@@ -334,6 +353,7 @@ class ProjectionMethod(Method):
         "weight_decay",
         "train_logit_scale",
         "device",
+        "precision",
     )
 
     @classmethod
@@ -352,8 +372,47 @@ class ProjectionMethod(Method):
         self.options = dataclasses.replace(self.options, selection=rule)
 
     def inputs(self, split: SplitFeatures) -> np.ndarray:
-        """What the trained head consumes: pre-projection features ``h``."""
-        return split.h
+        """What the trained head consumes (:attr:`input_field`): ``[n, d_in]``."""
+        return getattr(split, self.input_field)
+
+    @classmethod
+    def lane_params(cls, data: FeatureSet, options: Any) -> int:
+        """Trainable parameters of one lane (default: a ``[d_in, d]`` projection and its bias)."""
+        d_in = getattr(data.splits["train"], cls.input_field).shape[1]
+        return d_in * data.text.shape[1] + data.text.shape[1] + 1
+
+    @classmethod
+    def step_rows(cls, options: Any) -> int:
+        """Input rows one lane embeds per mini-batch sample in a training step (CFR: the regular sample, its
+        anchor, the anchor's positives and negatives)."""
+        return 1
+
+    @classmethod
+    def lane_extra_bytes(cls, data: FeatureSet, options: Any) -> int:
+        """Per-lane memory beyond parameters, step and scoring (CFR: its sampler's index tables)."""
+        return 0
+
+    @classmethod
+    def lane_memory(cls, data: FeatureSet, options: Any) -> tuple[str, int, int]:
+        """``(device, shared, per lane)`` bytes a pass holds at most on its device, counted from the shapes.
+
+        Shared: the training and validation inputs (fp32).  Per lane: the parameters with their gradient, optimiser
+        state (Adam two, SGD one) and one saved state per selection rule; a training step's gathered inputs and the
+        activations autograd keeps (six ``[rows, d]`` fp32 buffers per row: projection, normalised, dropped-out, and
+        their gradients); scoring :data:`EVAL_CHUNK` samples (projection, normalised copy, logits); and
+        :meth:`lane_extra_bytes`.  ``tests/test_gpu.py`` checks it bounds the measured peak on a GPU."""
+        tr, val = data.splits["train"], data.splits.get("val")
+        d_in = getattr(tr, cls.input_field).shape[1]
+        d, C = data.text.shape[1], data.n_classes
+        n_val = len(val) if val is not None else 0
+        shared = 4 * (len(tr) + n_val) * d_in
+        adam = cls.name in ADAM_METHODS
+        copies = 2 + (2 if adam else 1) + len(SELECTION_RULES)
+        rows = options.batch_size * cls.step_rows(options)
+        step = 4 * rows * (d_in + 6 * d)
+        scoring = 4 * min(max(len(tr), n_val), EVAL_CHUNK) * (3 * d + C)
+        per_lane = 4 * cls.lane_params(data, options) * copies + step + scoring + cls.lane_extra_bytes(data, options)
+        return str(resolve_device(options.device)), shared, per_lane
 
     def logits(self, split: SplitFeatures) -> np.ndarray:
         with torch.no_grad():

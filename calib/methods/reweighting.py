@@ -310,9 +310,11 @@ class GroupDRO(ProjectionMethod):
     label_needs = "train_groups"
     uses = ("z", "train")
     summary = "GroupDRO on the head (oracle: uses training group labels)"
+    input_field = "z"
 
-    def inputs(self, split: SplitFeatures) -> np.ndarray:
-        return split.z
+    @classmethod
+    def lane_params(cls, data: FeatureSet, options: GroupDROOptions) -> int:
+        return (data.text.shape[1] + 1) * data.n_classes
 
     @classmethod
     def fit_lanes(cls, methods: list[GroupDRO], data: FeatureSet, seeds: list[int]) -> None:
