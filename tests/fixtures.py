@@ -9,20 +9,29 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from calib.data.layouts import (
+    CELEBA_ATTRS,
+    CHEXPERT_HEADER,
+    CHEXPERT_RACES,
+    celeba_attr_values,
+    grey_image,
+    write_celeba,
+    write_chexpert,
+    write_metashift,
+    write_waterbirds,
+)
+
 HEADER = "img_id,img_filename,y,split,place,place_filename"
+CHEX_HEADER, RACES = CHEXPERT_HEADER, CHEXPERT_RACES
 
 
 def write_waterbirds_fixture(root, rows, make_images=True):
     """A tiny Waterbirds release: metadata.csv exactly as the group-DRO tarball writes it, plus images."""
-    root.mkdir(parents=True, exist_ok=True)
-    lines = [HEADER]
-    for img_id, fname, y, split, place in rows:
-        lines.append(f"{img_id},{fname},{y},{split},{place},/b/bamboo_forest/00000{img_id}.jpg")
-        if make_images:
-            (root / fname).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.full((8, 8, 3), 40 * img_id % 255, np.uint8)).save(root / fname)
-    (root / "metadata.csv").write_text("\n".join(lines) + "\n")
-    return root
+
+    def flat(path, img_id):
+        Image.fromarray(np.full((8, 8, 3), 40 * img_id % 255, np.uint8)).save(path)
+
+    return write_waterbirds(root, rows, flat if make_images else None)
 
 
 ROWS = [
@@ -33,14 +42,6 @@ ROWS = [
     (5, "011.Rusty_Blackbird/Rusty_Blackbird_0015_6885.jpg", 0, 2, 0),
 ]
 
-
-CELEBA_ATTRS = (
-    "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair "
-    "Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee Gray_Hair "
-    "Heavy_Makeup High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard Oval_Face "
-    "Pale_Skin Pointy_Nose Receding_Hairline Rosy_Cheeks Sideburns Smiling Straight_Hair Wavy_Hair "
-    "Wearing_Earrings Wearing_Hat Wearing_Lipstick Wearing_Necklace Wearing_Necktie Young"
-).split()
 # (file, Blond_Hair, Male, partition)
 CELEBA_ROWS = [
     ("000001.jpg", -1, -1, 0),
@@ -54,27 +55,12 @@ CELEBA_ROWS = [
 
 
 def _img(path, value=100):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((6, 6, 3), value, np.uint8)).save(path)
-
-
-def _attr_values(blond, male):
-    vals = [-1] * 40
-    vals[CELEBA_ATTRS.index("Blond_Hair")], vals[CELEBA_ATTRS.index("Male")] = blond, male
-    return vals
+    grey_image(path, value)
 
 
 def celeba_original(root, rows=CELEBA_ROWS, image=None):
-    """The official release: whitespace-separated ``list_attr_celeba.txt`` and ``list_eval_partition.txt``.
-    ``image(path, row, index)`` draws each image (default: a flat grey square)."""
-    root.mkdir(parents=True)
-    lines = [str(len(rows)), " ".join(CELEBA_ATTRS) + " "]
-    for k, (f, b, m, _) in enumerate(rows):  # the release right-aligns values: "-1" and " 1" -> runs of spaces
-        lines.append(f + " " + " ".join(f"{v:2d}" for v in _attr_values(b, m)))
-        (image or (lambda p, r, i: _img(p)))(root / "img_align_celeba" / f, rows[k], k)
-    (root / "list_attr_celeba.txt").write_text("\n".join(lines) + "\n")
-    (root / "list_eval_partition.txt").write_text("".join(f"{f} {p}\n" for f, _, _, p in rows))
-    return root
+    """The official release (:func:`calib.data.layouts.write_celeba`)."""
+    return write_celeba(root, rows, image)
 
 
 def celeba_kaggle(root):
@@ -82,7 +68,7 @@ def celeba_kaggle(root):
     root.mkdir(parents=True)
     lines = ["image_id," + ",".join(CELEBA_ATTRS)]
     for f, b, m, _ in CELEBA_ROWS:
-        lines.append(f + "," + ",".join(str(v) for v in _attr_values(b, m)))
+        lines.append(f + "," + ",".join(str(v) for v in celeba_attr_values(b, m)))
         _img(root / "img_align_celeba" / "img_align_celeba" / f)  # Kaggle's doubled folder
     (root / "list_attr_celeba.csv").write_text("\n".join(lines) + "\n")
     (root / "list_eval_partition.csv").write_text(
@@ -92,45 +78,13 @@ def celeba_kaggle(root):
 
 
 def metashift(root, n=10, image=None):
-    """The CFR release's MetaShift-Cat-Dog-indoor-outdoor folders, ``n`` images each;
-    ``image(path, folder_index, i)`` draws each image (default: grey level ``10 k + i``)."""
-    for k, folder in enumerate(
-        ["train/cat/cat(indoor)", "train/dog/dog(outdoor)", "test/cat/cat(outdoor)", "test/dog/dog(indoor)"]
-    ):
-        for i in range(n):
-            path = root / folder / f"{k}_{i:03d}.jpg"
-            image(path, k, i) if image else _img(path, 10 * k + i)
-    return root
-
-
-CHEX_HEADER = (
-    "Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Enlarged Cardiomediastinum,Cardiomegaly,Lung Opacity,"
-    "Lung Lesion,Edema,Consolidation,Pneumonia,Atelectasis,Pneumothorax,Pleural Effusion,Pleural Other,"
-    "Fracture,Support Devices"
-)
-RACES = ["White", "White, non-Hispanic", "Black or African American", "Asian", "Black, non-Hispanic", "Other"]
+    """The CFR release's MetaShift-Cat-Dog-indoor-outdoor folders (:func:`calib.data.layouts.write_metashift`)."""
+    return write_metashift(root, n, image)
 
 
 def chexpert(root, n=48, image=None):
-    """CheXpert-v1.0-small's train.csv / valid.csv plus the registration-only ``CHEXPERT DEMO.csv``;
-    ``image(path, i)`` draws each image (default: grey level ``i``)."""
-    rng = np.random.default_rng(0)
-    rows = {"train.csv": [], "valid.csv": []}
-    demo = ["PATIENT,GENDER,AGE_AT_CXR,PRIMARY_RACE,ETHNICITY"]
-    for i in range(n):
-        patient = f"patient{i + 1:05d}"
-        split = "valid" if i % 8 == 0 else "train"
-        rel = f"{split}/{patient}/study1/view1_frontal.jpg"
-        image(root / rel, i) if image else _img(root / rel, i % 256)
-        sex = "Male" if i % 2 else "Female"
-        finding = "1.0" if i % 3 == 0 else ("" if i % 3 == 1 else "0.0")  # blank means 0
-        rows[f"{split}.csv"].append(f"CheXpert-v1.0-small/{rel},{sex},{50 + i},Frontal,AP,{finding}" + ",0.0" * 13)
-        race = RACES[rng.integers(len(RACES))] if i % 4 else RACES[i % 6]
-        demo.append(f'{patient},{sex},{50 + i},"{race}",Unknown')  # quoted: races contain commas
-    for fname, lines in rows.items():
-        (root / fname).write_text("\n".join([CHEX_HEADER, *lines]) + "\n")
-    (root / "CHEXPERT DEMO.csv").write_text("\n".join(demo) + "\n")
-    return root
+    """CheXpert-v1.0-small plus ``CHEXPERT DEMO.csv`` (:func:`calib.data.layouts.write_chexpert`)."""
+    return write_chexpert(root, n, image)
 
 
 # --- a whole paper data directory --------------------------------------------------------------------------
