@@ -5,7 +5,7 @@
 # and tables to figures/, result rows to results/, data and caches to data/ and .cache/.
 #
 # Usage: ./run_all.sh [--use-current-env] [--quick] [--only NN] [--force]
-#        ./run_all.sh --profile paper --data-dir DIR [--backbones M:P,...] [--quick] [--dry-run]
+#        ./run_all.sh --profile paper --data-dir DIR [--backbones M:P,...] [--quick] [--nproc N] [--dry-run]
 #   --use-current-env  use the current Python environment (conda, Colab) instead of ./.venv
 #   --quick            smoke run: 3 epochs; toy profile: 2 seeds (trained as lanes), three ablations, the 4% toy
 #                      benchmark and a seconds-long toy CLIP; paper profile: 1 seed, one ablation
@@ -17,6 +17,8 @@
 #   --backbones LIST   (paper profile) comma-separated open_clip MODEL:PRETRAINED pairs instead of the paper's
 #                      two, e.g. ViT-B-32:laion2b_s34b_b79k or RN50:random (random weights: a smoke test)
 #   --tpt-images N     (paper profile) TPT's seeded test subsample per dataset and backbone (default 500; 0: all)
+#   --nproc N          (paper profile) spread the (dataset, backbone) cells over N processes with torchrun, one per
+#                      GPU of the node (default 1); rank 0 writes the tables after every cell
 #   --dry-run          (paper profile) list what would run and its estimated GPU hours, run nothing
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -27,6 +29,7 @@ profile=toy
 data_dir_arg=""
 backbones_arg=""
 dry=0
+nproc=1
 tpt_images=500
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -39,16 +42,19 @@ while [ $# -gt 0 ]; do
     --backbones) backbones_arg="$2"; shift ;;
     --dry-run) dry=1 ;;
     --tpt-images) tpt_images="$2"; shift ;;
+    --nproc) nproc="$2"; shift ;;
     -h|--help) awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
 
+[[ "$nproc" =~ ^[1-9][0-9]*$ ]] || { echo "--nproc takes a positive integer, got '$nproc'" >&2; exit 2; }
 case "$profile" in
   paper) [ -n "$data_dir_arg" ] || { echo "--profile paper needs --data-dir DIR" >&2; exit 2; } ;;
   toy) [ "$dry" = 0 ] || { echo "--dry-run applies to --profile paper" >&2; exit 2; }
-       [ -z "$backbones_arg" ] || { echo "--backbones applies to --profile paper (the toy profile uses the toy CLIP)" >&2; exit 2; } ;;
+       [ -z "$backbones_arg" ] || { echo "--backbones applies to --profile paper (the toy profile uses the toy CLIP)" >&2; exit 2; }
+       [ "$nproc" = 1 ] || { echo "--nproc applies to --profile paper (the toy profile is one process)" >&2; exit 2; } ;;
   *) echo "unknown profile $profile (toy or paper)" >&2; exit 2 ;;
 esac
 
@@ -64,57 +70,24 @@ cd "$ROOT"
 
 if [ "$profile" = paper ]; then
   data_dir_arg="$(cd "$data_dir_arg" && pwd)"
-  if [ "$quick" = 1 ]; then seeds_yaml="[0]"; epochs_yaml=", epochs: 3"; ablations_yaml=", ablations: [CFR (default)]"
-    dynamics_yaml=", variants: [CFR (default)]"; per_group=2
-  else seeds_yaml="[0, 1, 2, 3, 4]"; epochs_yaml=""; ablations_yaml=""; dynamics_yaml=""; per_group=50; fi
-  n_seeds=$(( $(tr -cd , <<< "$seeds_yaml" | wc -c) + 1 ))
+  n_seeds=5; [ "$quick" = 1 ] && n_seeds=1
   plan_args=(--data-dir "$data_dir_arg" --seeds "$n_seeds")
   [ -n "$backbones_arg" ] && plan_args+=(--backbones "$backbones_arg")
   "$PY" -m calib plan --profile paper "${plan_args[@]}"
   [ "$dry" = 1 ] && exit 0
-  export CALIB_DATA_DIR="$data_dir_arg"
-  executed="$CALIB_HOME/notebooks/executed"; mkdir -p "$executed"
-  mapfile -t runs < <("$PY" -c 'import sys; from pathlib import Path; from calib.experiments.plan import PAPER_BACKBONES, paper_plan, parse_backbones
-bb = parse_backbones(sys.argv[2]) if sys.argv[2] else PAPER_BACKBONES
-for r in paper_plan(Path(sys.argv[1]), bb).rows: print(r.dataset, r.model, r.pretrained)' "$data_dir_arg" "$backbones_arg")
-  [ ${#runs[@]} -gt 0 ] || { echo "[calib] no paper dataset found under $data_dir_arg" >&2; exit 1; }
-  datasets_yaml="[$(printf '%s\n' "${runs[@]}" | cut -d' ' -f1 | awk '!seen[$0]++' | paste -sd, -)]"
-  backbones_yaml="[$(printf '%s\n' "${runs[@]}" | cut -d' ' -f2- | awk '!seen[$0]++' | sed 's/ /", "/; s/^/["/; s/$/"]/' | paste -sd, -)]"
-  for run in "${runs[@]}"; do
-    read -r ds model pre <<< "$run"
-    tag="${ds}__${model}__${pre//[^A-Za-z0-9._-]/_}"
-    t=$SECONDS; "$PY" -m calib extract --dataset "$ds" --model "$model" --pretrained "$pre"
-    stage "extract $ds / $model / $pre" $((SECONDS - t))
-    for nb in notebooks/0[0124567]_*.ipynb; do
-      name="$(basename "$nb" .ipynb)"
-      case "$name" in  # each notebook gets only the parameters it declares
-        05_*) params="seed: 0$epochs_yaml" ;;
-        07_*) params="seed: 0$epochs_yaml, per_group: $per_group" ;;  # M2IB: seconds per image on a CPU
-        04_*) params="seeds: $seeds_yaml$epochs_yaml$ablations_yaml" ;;
-        06_*) params="seeds: $seeds_yaml$epochs_yaml$dynamics_yaml, testbed_core: []" ;;  # the testbed: toy profile
-        *) params="seeds: $seeds_yaml$epochs_yaml" ;;
-      esac
-      t=$SECONDS
-      "$PY" -m papermill --log-level WARNING -k python3 "$nb" "$executed/${name}__${tag}.ipynb" \
-        -y "{dataset: $ds, model: \"$model\", pretrained: \"$pre\", $params}"
-      stage "notebook $name ($ds / $model / $pre)" $((SECONDS - t))
-    done
-  done
-  for ds in $(printf '%s\n' "${runs[@]}" | cut -d' ' -f1 | awk '!seen[$0]++'); do
-    t=$SECONDS  # the pretraining-source study over the given backbones (no toy sources on real data)
-    "$PY" -m papermill --log-level WARNING -k python3 notebooks/08_pretraining_sources.ipynb \
-      "$executed/08_pretraining_sources__${ds}.ipynb" -y "{dataset: $ds, sources: [], clip_backbones: $backbones_yaml}"
-    stage "notebook 08_pretraining_sources ($ds)" $((SECONDS - t))
-  done
+  # every (dataset, backbone) cell's notebooks, then the tables (calib/experiments/profile.py); with --nproc N the
+  # cells are spread over N processes (one per GPU) by torchrun and rank 0 writes the tables
+  profile_args=(--data-dir "$data_dir_arg" --tpt-images "$tpt_images")
+  [ -n "$backbones_arg" ] && profile_args+=(--backbones "$backbones_arg")
+  [ "$quick" = 1 ] && profile_args+=(--quick)
   t=$SECONDS
-  "$PY" -m papermill --log-level WARNING -k python3 notebooks/03_main_results.ipynb \
-    "$executed/03_main_results__paper.ipynb" \
-    -y "{datasets: $datasets_yaml, backbones: $backbones_yaml, seeds: $seeds_yaml$epochs_yaml, tpt_images: $tpt_images}"
-  stage "notebook 03_main_results (paper)" $((SECONDS - t))
-  echo
-  echo "[calib] wall time by stage (s):"
-  for i in "${!stage_names[@]}"; do printf '  %-60s %6s\n' "${stage_names[$i]}" "${stage_secs[$i]}"; done
-  echo "[calib] paper profile done in $SECONDS s; figures in $CALIB_HOME/figures, executed notebooks in $executed"
+  if [ "$nproc" -gt 1 ]; then
+    "$PY" -m torch.distributed.run --standalone --nproc_per_node "$nproc" -m calib profile "${profile_args[@]}"
+  else
+    "$PY" -m calib profile "${profile_args[@]}"
+  fi
+  echo "[calib] paper profile done in $((SECONDS - t)) s ($nproc process(es)); figures in $CALIB_HOME/figures," \
+    "executed notebooks and per-process timings (profile_rank*.json) in $CALIB_HOME/notebooks/executed"
   exit 0
 fi
 

@@ -89,7 +89,8 @@ def paper_profile_run(tmp_path_factory) -> BackgroundRun:
     architecture at random weights, started in the background.  ``tests/test_notebooks.py``'s quick run requests it
     first, so the suite's two long end-to-end runs overlap on the CPU's cores; ``tests/test_profile.py`` waits for
     it.  Waterbirds and CelebA are left out to keep it short (they share the Waterbirds-style official-split path the
-    toy profile runs)."""
+    toy profile runs).  It runs the cells as two torchrun processes (``--nproc 2``), so the multi-GPU path is the one
+    tested end to end."""
     import shutil
 
     from tests.fixtures import write_paper_data_dir
@@ -99,6 +100,7 @@ def paper_profile_run(tmp_path_factory) -> BackgroundRun:
     shutil.rmtree(data / "waterbirds")
     shutil.rmtree(data / "celeba")
     args = ["--profile", "paper", "--data-dir", str(data), "--backbones", "calib-toy-vit:random", "--quick"]
+    args += ["--nproc", "2"]  # the two cells on two torchrun processes (gloo): each rank one cell, rank 0 the tables
     run = BackgroundRun(args + ["--tpt-images", "20"], root / "home")
     yield run
     if run.proc.poll() is None:  # a run nobody waited for (a subset of the tests was selected)

@@ -37,7 +37,13 @@ def test_parse_backbones_and_custom_plan(tmp_path):
             parse_backbones(bad)
     five = full_size_plan((("RN50-quickgelu", "openai"),))
     one = full_size_plan((("RN50-quickgelu", "openai"),), seeds=1)
-    assert sum(r.methods_h for r in one.rows) == pytest.approx(sum(r.methods_h for r in five.rows) / 5)
+    # per-seed work scales with the seeds; notebook 07's maps run once (seed 0), TPT once per seed
+    from calib.experiments.plan import ASSUMED_MAPS_S_PER_IMG, ASSUMED_TPT_S_PER_IMG, N_GROUPS, method_seconds
+
+    for r1, r5 in zip(one.rows, five.rows):
+        maps_s = ASSUMED_MAPS_S_PER_IMG * 50 * N_GROUPS[r1.dataset] * 2
+        assert r1.methods_h * 3600 == pytest.approx(method_seconds(r1.train, 1) + ASSUMED_TPT_S_PER_IMG * 500 + maps_s)
+        assert (r5.methods_h * 3600 - maps_s) == pytest.approx(5 * (r1.methods_h * 3600 - maps_s))
     custom = full_size_plan((("ViT-B-32", "random"),), seeds=1)
     assert "no assumed speed for ViT-B-32" in custom.render() and "(1 seeds)" in custom.render()
 
@@ -186,6 +192,14 @@ def test_paper_profile_end_to_end_on_fixtures(paper_profile_run):
     assert set(rows.dataset) == {"metashift", "chexpert"} and set(rows.pretrained) == {"random"}
     executed = sorted((home / "notebooks" / "executed").glob("*.ipynb"))
     assert len(executed) == 2 * 7 + 2 + 1  # 00-07 but 03 per dataset, 08 per dataset, the joint 03
+    ranks = [json.loads((home / "notebooks" / "executed" / f"profile_rank{r}.json").read_text()) for r in (0, 1)]
+    assert sorted(c for rep in ranks for c in rep["cells"]) == [  # one cell each, by estimated cost
+        "chexpert__calib-toy-vit__random",
+        "metashift__calib-toy-vit__random",
+    ]
+    assert [len(rep["cells"]) for rep in ranks] == [1, 1]
+    assert not [st for st in ranks[1]["stages"] if "03_main_results (paper)" in st["name"]]  # rank 0 writes tables
+    assert [st["name"] for st in ranks[0]["stages"]][-1] == "notebook 03_main_results (paper)"
     for path in executed:
         nb = nbformat.read(path, as_version=4)
         assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"], path

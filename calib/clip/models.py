@@ -171,6 +171,15 @@ def _resolve(name: str, pretrained: str | None, cache_dir: str | None) -> str | 
     return pretrained
 
 
+def check_weights(name: str, pretrained: str | None, cache_dir: str | None = None) -> None:
+    """Raise at once, building nothing, when ``load_clip(name, pretrained)`` could not load here: an unknown model
+    or tag (``ValueError``) or weights neither on this machine nor downloadable (:class:`WeightsUnavailableError`).
+    The toy CLIP's tags always pass: calib trains them on demand."""
+    if pretrained in ("toy", "toy-quick") and name == TOY_MODEL_NAME:
+        return
+    _resolve(name, pretrained, cache_dir)
+
+
 def random_seed(pretrained: str | None) -> int | None:
     """The seed of a random-weights spelling (``None``, ``"random"``, ``"random:7"``), else ``None``."""
     if pretrained in (None, "", "random", "none"):

@@ -468,6 +468,45 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from calib.experiments.plan import PAPER_BACKBONES, parse_backbones
+    from calib.experiments.profile import CELL_NOTEBOOKS, Settings, plan_cells, run_profile
+
+    backbones = parse_backbones(args.backbones) if args.backbones else PAPER_BACKBONES
+    missing = _unavailable_weights(backbones)
+    if missing:  # before any cell starts: nothing half-done, every missing backbone named at once
+        print("\n\n".join(missing), file=sys.stderr)
+        return 1
+    cells = plan_cells(Path(args.data_dir), backbones)
+    if not cells:
+        print(f"no paper dataset found under {args.data_dir}", file=sys.stderr)
+        return 1
+    notebooks = tuple(n.strip() for n in args.notebooks.split(",")) if args.notebooks else CELL_NOTEBOOKS
+    unknown = [n for n in notebooks if not n.startswith(CELL_NOTEBOOKS)]
+    if unknown:
+        print(f"--notebooks: {unknown} are not per-cell notebooks ({', '.join(CELL_NOTEBOOKS)})", file=sys.stderr)
+        return 2
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    settings = Settings(args.quick, args.tpt_images, notebooks, not args.no_tables, methods)
+    report = run_profile(cells, settings, Path(args.data_dir))
+    for st in report.stages:
+        print(f"  {st.name:60} {st.seconds:8.0f}")
+    return 0
+
+
+def _unavailable_weights(backbones: tuple) -> list[str]:
+    """The error of every ``(model, pretrained)`` whose weights cannot be loaded here."""
+    from calib.clip.models import WeightsUnavailableError, check_weights
+
+    out = []
+    for model, pretrained in backbones:
+        try:
+            check_weights(model, pretrained)
+        except (WeightsUnavailableError, ValueError) as err:
+            out.append(f"error: {err}")
+    return out
+
+
 def _cmd_rehearse(args: argparse.Namespace) -> int:
     from calib.experiments.rehearse import rehearse, render_report
 
@@ -481,6 +520,8 @@ def _cmd_rehearse(args: argparse.Namespace) -> int:
         device,
         images=args.images,
         out=Path(args.out) if args.out else None,
+        layout_images=args.layout_images,
+        per_image=args.per_image,
     )
     print(render_report(report))
     if args.out:
@@ -692,6 +733,28 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=_cmd_plan)
 
+    pp = sub.add_parser(
+        "profile",
+        help="the paper profile: every (dataset, backbone) cell's notebooks, then the tables (under torchrun: "
+        "the cells spread over the ranks, rank 0 writes the tables)",
+    )
+    pp.add_argument(
+        "--data-dir",
+        required=True,
+        action=_Checked,
+        check=_folder,
+        help="folder holding waterbirds/, celeba/, metashift/, chexpert/",
+    )
+    pp.add_argument("--backbones", default=None, help="comma-separated MODEL:PRETRAINED pairs (default: the paper's)")
+    pp.add_argument("--quick", action="store_true", help="1 seed, 3 epochs, one ablation: a smoke run")
+    pp.add_argument(
+        "--tpt-images", type=int, default=500, action=_Checked, check=_at_least(0), help="TPT's test subsample"
+    )
+    pp.add_argument("--notebooks", default=None, help="comma-separated per-cell notebook prefixes (default: all)")
+    pp.add_argument("--methods", default=None, help="comma-separated methods of notebook 03 (default: its own)")
+    pp.add_argument("--no-tables", action="store_true", help="run the cells only, not notebooks 08 and 03")
+    pp.set_defaults(func=_cmd_profile)
+
     rh = sub.add_parser(
         "rehearse", help="the paper profile's real workload on synthetic inputs with the real shapes: a JSON report"
     )
@@ -705,6 +768,22 @@ def build_parser() -> argparse.ArgumentParser:
     rh.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], action=_Checked, check=_at_least(0))
     rh.add_argument("--epochs", type=int, default=100, action=_Checked, check=_at_least(1), help="projection epochs")
     rh.add_argument("--images", type=int, default=256, action=_Checked, check=_at_least(0), help="JPEGs per backbone")
+    rh.add_argument(
+        "--layout-images",
+        type=int,
+        default=4096,
+        action=_Checked,
+        check=_at_least(0),
+        help="most synthetic JPEGs written per dataset in its release layout (0: no dataset image stage)",
+    )
+    rh.add_argument(
+        "--per-image",
+        type=int,
+        default=4,
+        action=_Checked,
+        check=_at_least(1),
+        help="test images TPT and the attribution maps are timed on",
+    )
     rh.add_argument("--device", default=None, action=_Checked, check=_device, help="default: cuda when present")
     rh.add_argument("--out", default=None, help="write the JSON report here")
     rh.set_defaults(func=_cmd_rehearse)
