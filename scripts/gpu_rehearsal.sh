@@ -17,6 +17,8 @@ OUT="${OUT:-$ROOT/gpu_out}"
 FRACTION="${FRACTION:-0.05}"     # share of every split in the rehearsal (plan scales it up linearly)
 SEEDS="${SEEDS:-0 1 2 3 4}"      # rehearsal seeds (lanes)
 EPOCHS="${EPOCHS:-100}"          # rehearsal epochs (the release's 100)
+LAYOUT_IMAGES="${LAYOUT_IMAGES:-1024}"  # synthetic JPEGs per dataset in its release layout (extraction, TPT, maps)
+PER_IMAGE="${PER_IMAGE:-4}"      # test images TPT and the attribution maps are timed on
 DATASETS="${DATASETS:-waterbirds,celeba,metashift,chexpert}"
 BACKBONES="${BACKBONES:-RN50-quickgelu,ViT-L-14-336-quickgelu}"
 SKIP_TOY="${SKIP_TOY:-0}"        # 1: leave out the cold toy run_all (minutes on a CPU)
@@ -49,7 +51,8 @@ step() {  # step NAME LOG COMMAND...: run, log to $OUT/LOG, record rc and second
 
 step "gpu tests" pytest_gpu.log "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py tests/test_lanes.py
 step "rehearsal" rehearsal.txt env CALIB_HOME="$WORK/rehearse" "$PY" -m calib rehearse --datasets "$DATASETS" \
-  --backbones "$BACKBONES" --fraction "$FRACTION" --seeds $SEEDS --epochs "$EPOCHS" --out "$OUT/rehearsal.json"
+  --backbones "$BACKBONES" --fraction "$FRACTION" --seeds $SEEDS --epochs "$EPOCHS" --layout-images "$LAYOUT_IMAGES" \
+  --per-image "$PER_IMAGE" --out "$OUT/rehearsal.json"
 if [ "$SKIP_TOY" != 1 ]; then
   step "cold toy run_all" run_all_toy.log env CALIB_HOME="$WORK/toy" ./run_all.sh --use-current-env
   mkdir -p "$OUT/toy_figures" && cp "$WORK"/toy/figures/*.md "$OUT/toy_figures/" 2>/dev/null

@@ -42,16 +42,35 @@ def test_notebook_specs_follow_the_notebooks():
 
 def test_rehearse_writes_one_report(tmp_path):
     out = tmp_path / "report.json"
-    report = rehearse(["waterbirds"], ["RN50-quickgelu"], 0.002, [0], 1, "cpu", images=2, image_seconds=0.2, out=out)
+    report = rehearse(
+        ["waterbirds"], ["RN50-quickgelu"], 0.002, [0], 1, "cpu", images=2, image_seconds=0.2, out=out, per_image=1
+    )
     saved = json.loads(out.read_text())
     assert saved["stamp"]["device"] == "cpu" and saved["gemm_peak_gflops"] > 0 and saved["fraction"] == 0.002
     stages = [(r["stage"], r.get("notebook")) for r in saved["records"]]
-    assert stages[0] == ("images", None) and len(stages) == 1 + 7
+    assert stages[:2] == [("images", None), ("dataset_images", None)] and len(stages) == 2 + 7
     images = saved["records"][0]
     assert images["model_bound_img_s"] > 0 and images["pipeline_bound_img_s"] > 0 and images["gflop_per_image"] > 1
-    for r in saved["records"][1:]:
+    layout = saved["records"][1]  # JPEGs in the Waterbirds release layout, read by the real loader
+    written = sum(max(2, round(n * 0.002)) for sizes in DATASET_GROUPS["waterbirds"].values() for n in sizes)
+    assert layout["images_written"] == written == 35 and layout["image_size"] == [500, 375]
+    assert layout["extracted"] == sum(max(2, round(n * 0.002)) for n in DATASET_GROUPS["waterbirds"]["train"])
+    assert layout["pipeline_img_s"] > 0 and layout["tpt_s_per_img"] > 0
+    assert set(layout["attribution_s_per_img"]) == {"m2ib", "gradcam"}  # a ResNet tower: no attention maps
+    assert "TPT" in render_report(report)
+    for r in saved["records"][2:]:
         assert r["seconds"] > 0 and r["peak_rss_gib"] > 0.1 and r["runs"] >= 1 and r["peak_gpu_gib"] is None
     assert "03_main_results" in render_report(report)
+
+
+def test_layout_sizes_scale_and_cap():
+    from calib.experiments.rehearse import layout_sizes
+
+    full = layout_sizes("celeba", 1.0, 10**9)
+    assert full == DATASET_GROUPS["celeba"]
+    capped = layout_sizes("celeba", 1.0, 2035)  # 2035 / 202,599 ~ 1 %: every group ~1 % of its size, at least 2
+    assert capped["train"] == (719, 672, 230, 14) and capped["val"][3] == 2
+    assert sum(sum(v) for v in capped.values()) <= 2035 + 12
 
 
 def test_rehearse_rejects_unknown_names(capsys):
@@ -71,6 +90,8 @@ def _report(path, device_name, time, methods_seconds=(3.0, 7.0)):
          "seconds": s}
         for i, s in enumerate(methods_seconds)
     ]  # fmt: skip
+    records.append({"stage": "dataset_images", "dataset": "waterbirds", "backbone": "RN50-quickgelu",
+                    "tpt_s_per_img": 0.2, "attribution_s_per_img": {"m2ib": 0.5, "gradcam": 0.1}})  # fmt: skip
     stamp = {"device_name": device_name, "time": time, "commit": "abc", "device": "cuda"}
     path.write_text(json.dumps({"stamp": stamp, "fraction": 0.01, "seeds": [0], "epochs": 10, "records": records}))
 
@@ -88,8 +109,9 @@ def test_plan_reads_the_newest_report_of_its_device(tmp_path):
     row = next(r for r in plan.rows if (r.dataset, r.model) == ("waterbirds", "RN50-quickgelu"))
     assert row.source == "measured"
     assert row.extraction_h == pytest.approx(11788 / 1000 / 3600)
-    # 10 s measured at 48 training images, 1 seed, 10 epochs -> 4795 images, 5 seeds, 100 epochs
-    assert row.methods_h == pytest.approx(10 * 4795 / 48 * 5 * 10 / 3600)
+    # 10 s measured at 48 training images, 1 seed, 10 epochs -> 4795 images, 5 seeds, 100 epochs; TPT 0.2 s/img on
+    # 500 test images per seed; the maps 0.6 s/img on 50 images a group (4 groups) under 2 towers
+    assert row.methods_h == pytest.approx((10 * 4795 / 48 * 5 * 10 + 0.2 * 500 * 5 + 0.6 * 50 * 4 * 2) / 3600)
     assert {r.source for r in plan.rows if r != row} == {"assumed"}  # nothing measured for them
     text = plan.render()
     assert "measured on H200 by new.json" in text and "7 row(s) costed at assumed" in text

@@ -48,6 +48,15 @@ ASSUMED_METHOD_S = {
     "zeroshot": 0.1,
 }
 WATERBIRDS_TRAIN = 4795
+# the per-image methods (assumed seconds per image on one GPU, where no rehearsal report measured them): TPT in
+# notebook 03 (64 views through the image tower, one step through the text tower) on TPT_IMAGES test images per seed,
+# and notebook 07's maps (M2IB's 10 x 10 passes dominate) on ATTRIBUTION_PER_GROUP images a group, under two towers
+ASSUMED_TPT_S_PER_IMG = 0.5
+ASSUMED_MAPS_S_PER_IMG = 1.0
+TPT_IMAGES = 500
+ATTRIBUTION_PER_GROUP = 50
+ATTRIBUTION_TOWERS = 2  # the pretrained projection and CFR's
+N_GROUPS = {"waterbirds": 4, "celeba": 4, "metashift": 4, "chexpert": 12}
 # notebook -> methods it trains per (dataset, backbone, seed); 03 runs both protocols from one training run
 NOTEBOOK_METHODS = {
     "01_spurious_correlation": ["zeroshot", "clip_erm"],
@@ -106,6 +115,13 @@ class Speeds:
             return None
         scale = n_train / recs[0]["train"] * seeds / len(self.report["seeds"]) * epochs / self.report["epochs"]
         return sum(r["seconds"] for r in recs) * scale
+
+    def image_rates(self, dataset: str, model: str) -> tuple[float, float] | None:
+        """``(TPT, every attribution map)`` seconds per image for ``(dataset, model)``; None when not measured."""
+        for r in self.report["records"]:
+            if r["stage"] == "dataset_images" and (r["dataset"], r["backbone"]) == (dataset, model):
+                return float(r["tpt_s_per_img"]), float(sum(r["attribution_s_per_img"].values()))
+        return None
 
     def describe(self) -> str:
         st, rep = self.report["stamp"], self.report
@@ -166,7 +182,10 @@ class Plan:
                     f"{r.extraction_h:9.2f} {r.methods_h:9.2f}"
                 )
         runs = sum(len(m) for m in NOTEBOOK_METHODS.values()) * self.seeds
-        lines.append(f"notebooks 01-06 per dataset x backbone: {runs} method runs ({self.seeds} seeds)")
+        lines.append(
+            f"notebooks 01-06 per dataset x backbone: {runs} method runs ({self.seeds} seeds), plus TPT in 03 "
+            "and the maps of 07"
+        )
         unknown = sorted({r.model for r in self.rows if r.model not in ASSUMED_IMG_S})
         if unknown:
             lines.append(f"no assumed speed for {', '.join(unknown)}: costed at the ViT-L-14 speed")
@@ -211,13 +230,21 @@ def method_seconds(n_train: int, seeds: int = len(PAPER_SEEDS)) -> float:
     return per_seed * seeds * n_train / WATERBIRDS_TRAIN
 
 
+def image_method_seconds(dataset: str, seeds: int, rates: tuple[float, float] | None) -> float:
+    """Seconds of TPT (notebook 03, every seed) and the attribution maps (notebook 07) for one (dataset, backbone),
+    from measured ``rates`` (TPT, maps: seconds per image) or the assumed ones."""
+    tpt, maps = rates or (ASSUMED_TPT_S_PER_IMG, ASSUMED_MAPS_S_PER_IMG)
+    return tpt * TPT_IMAGES * seeds + maps * ATTRIBUTION_PER_GROUP * N_GROUPS.get(dataset, 4) * ATTRIBUTION_TOWERS
+
+
 def plan_row(
     dataset: str, model: str, pretrained: str, images: int, train: int, seeds: int, speeds: Speeds | None
 ) -> PlanRow:
     """One (dataset, backbone)'s cost: measured rates where ``speeds`` has them, the assumed constants otherwise."""
     img_s = speeds.img_s(model) if speeds else None
     method_s = speeds.methods_seconds(dataset, model, train, seeds) if speeds else None
-    measured = img_s is not None and method_s is not None
+    rates = speeds.image_rates(dataset, model) if speeds else None
+    measured = img_s is not None and method_s is not None and rates is not None
     return PlanRow(
         dataset,
         model,
@@ -225,7 +252,7 @@ def plan_row(
         images,
         train,
         images / (img_s if measured else _img_s(model)) / 3600,
-        (method_s if measured else method_seconds(train, seeds)) / 3600,
+        ((method_s if measured else method_seconds(train, seeds)) + image_method_seconds(dataset, seeds, rates)) / 3600,
         "measured" if measured else "assumed",
     )
 

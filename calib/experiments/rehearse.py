@@ -223,6 +223,115 @@ def rehearse_images(backbone: str, device: str, n_files: int, seconds: float) ->
     return {"stage": "images", "backbone": backbone, **as_dict(t), **m}
 
 
+def layout_sizes(dataset: str, fraction: float, max_images: int) -> dict[str, tuple[int, ...]]:
+    """Per split and group, the images the image stage writes: ``fraction`` of the dataset (at least 2 a group),
+    scaled down further so the total stays within ``max_images``."""
+    total = sum(sum(v) for v in DATASET_GROUPS[dataset].values())
+    f = min(fraction, max_images / total)
+    return {split: tuple(max(2, round(n * f)) for n in sizes) for split, sizes in DATASET_GROUPS[dataset].items()}
+
+
+def rehearse_dataset_images(
+    dataset: str,
+    backbone: str,
+    device: str,
+    fraction: float,
+    workdir: Path,
+    max_images: int = 4096,
+    per_image: int = 4,
+) -> dict[str, Any]:
+    """The image stage of one (dataset, backbone) on synthetic JPEGs in the dataset's release layout
+    (:func:`calib.data.layouts.write_synthetic_release`, at the images' real sizes, written under ``workdir`` once
+    per dataset: ``write_seconds`` is None for the backbones that reuse them), read by the real loader:
+    extraction throughput of the training split through the real pipeline (decode, resize, normalise, the tower at
+    random weights), TPT seconds per test image (the released 64 views and one step) and the attribution study's
+    seconds per test image for every map it draws (M2IB: 10 steps of 10 noisy copies)."""
+    from calib.clip.features import extract_split
+    from calib.clip.models import load_clip
+    from calib.data import LOADERS
+    from calib.data.layouts import RELEASE_IMAGE_SIZES, write_synthetic_release
+
+    sizes = layout_sizes(dataset, fraction, max_images)
+    root = Path(workdir) / dataset
+    write_s = None  # written once per dataset, read by every backbone
+    if not (root / ".written").is_file():
+        t0 = time.perf_counter()
+        write_synthetic_release(dataset, root, sizes)
+        (root / ".written").touch()
+        write_s = time.perf_counter() - t0
+    ds = LOADERS[dataset](root)
+    loaded = load_clip(backbone, "random", device=device)
+    cuda = device.startswith("cuda")
+    train = ds.splits["train"]
+    with measured(device) as m:
+        extract_split(loaded, train, batch_size=256 if cuda else 32, desc=f"{dataset} train")
+    rec: dict[str, Any] = {
+        "stage": "dataset_images",
+        "dataset": dataset,
+        "backbone": backbone,
+        "image_size": list(RELEASE_IMAGE_SIZES[dataset]),
+        "images_written": sum(sum(v) for v in sizes.values()),
+        "write_seconds": write_s,
+        "extracted": len(train),
+        "pipeline_img_s": len(train) / m["seconds"],
+        **m,
+    }
+    test = ds.splits["test"]
+    n = min(per_image, len(test))
+    rec["tpt_s_per_img"] = _tpt_seconds(ds, loaded, device, n)
+    rec["attribution_s_per_img"] = _attribution_seconds(loaded, [test.paths[i] for i in range(n)])
+    log.info(
+        "%s / %s: %.1f img/s through the pipeline; TPT %.2f s/img; M2IB %.2f s/img",
+        dataset,
+        backbone,
+        rec["pipeline_img_s"],
+        rec["tpt_s_per_img"],
+        rec["attribution_s_per_img"].get("m2ib", float("nan")),
+    )
+    return rec
+
+
+def _tpt_seconds(ds: Any, loaded: Any, device: str, n: int) -> float:
+    """TPT's seconds per image (its defaults: 64 views, one AdamW step) on the first ``n`` test images."""
+    from types import SimpleNamespace
+
+    from calib.methods import get_method_class, make_options
+    from calib.methods.base import RunContext
+
+    tpt = get_method_class("tpt")(make_options("tpt", {"device": device}))
+    tpt.context = RunContext(ds, loaded)
+    tpt.fit(SimpleNamespace(class_names=ds.class_names), seed=0)
+    test = ds.splits["test"]
+    if device.startswith("cuda"):
+        tpt.image_logits(test.paths[0], int(test.ids[0]))  # warm-up (allocator, kernel selection)
+    with measured(device) as m:
+        for i in range(n):
+            tpt.image_logits(test.paths[i], int(test.ids[i]))
+    return m["seconds"] / n
+
+
+def _attribution_seconds(loaded: Any, paths: list[Path]) -> dict[str, float]:
+    """Seconds per image of every map notebook 07 draws under one tower (it draws them under two: the pretrained
+    projection and CFR's), on ``paths``, towards random unit text targets (the cost does not depend on them)."""
+    import torch
+
+    from calib.studies.attribution import load_images
+    from calib.studies.attribution_maps import M2IBOptions, applicable_methods, image_maps, image_tower
+
+    images, _ = load_images(loaded, paths)
+    images = images.to(loaded.device)
+    tower = image_tower(loaded.model)
+    with torch.no_grad():
+        d = tower.encode(images[:1]).shape[-1]
+    text = torch.nn.functional.normalize(torch.randn(len(paths), d, generator=torch.Generator().manual_seed(0)), dim=-1)
+    out = {}
+    for method in applicable_methods(tower):
+        with measured(str(loaded.device)) as m:
+            image_maps(method, tower, images, text.to(loaded.device), M2IBOptions(seed=0))
+        out[method] = m["seconds"] / len(paths)
+    return out
+
+
 def stamp(device: str) -> dict[str, Any]:
     """Where and with what the report was measured."""
     import torch
@@ -255,8 +364,14 @@ def rehearse(
     images: int = 256,
     image_seconds: float = 5.0,
     out: Path | None = None,
+    layout_images: int = 4096,
+    per_image: int = 4,
 ) -> dict[str, Any]:
-    """The whole rehearsal; the report (and ``out``, when given, as JSON)."""
+    """The whole rehearsal; the report (and ``out``, when given, as JSON).  ``images`` (0: none) and
+    ``image_seconds`` size the model-bound timing per backbone; ``layout_images`` (0: no dataset image stage) caps
+    the synthetic JPEGs written per dataset; ``per_image`` test images time TPT and the attribution maps."""
+    import tempfile
+
     from calib.experiments.bench import gemm_peak
 
     for name in datasets:
@@ -276,11 +391,16 @@ def rehearse(
         "gemm_peak_gflops": gemm_peak(device=device),
         "records": [],
     }
-    for backbone in backbones:
-        if images:
-            report["records"].append(rehearse_images(backbone, device, images, image_seconds))
-        for dataset in datasets:
-            report["records"] += rehearse_methods(dataset, backbone, fraction, list(seeds), epochs, device)
+    with tempfile.TemporaryDirectory(prefix="calib-rehearse-") as tmp:
+        for backbone in backbones:
+            if images:
+                report["records"].append(rehearse_images(backbone, device, images, image_seconds))
+            for dataset in datasets:
+                if layout_images:
+                    work = Path(tmp)
+                    rec = rehearse_dataset_images(dataset, backbone, device, fraction, work, layout_images, per_image)
+                    report["records"].append(rec)
+                report["records"] += rehearse_methods(dataset, backbone, fraction, list(seeds), epochs, device)
     if out is not None:
         from calib.core.files import atomic_write_bytes
 
@@ -304,6 +424,11 @@ def render_report(report: dict[str, Any]) -> str:
             what = f"{r['model_bound_img_s']:.1f} / {r['pipeline_bound_img_s']:.1f} img/s (model / pipeline)"
             cost = f"{r['seconds']:8.1f} {r['peak_rss_gib']:8.2f} {gpu:>8}"
             lines.append(f"{'images':7} {'':10} {r['backbone']:24} {what:40} {cost}")
+        elif r["stage"] == "dataset_images":
+            m2ib = r["attribution_s_per_img"].get("m2ib", float("nan"))
+            what = f"{r['pipeline_img_s']:.1f} img/s; TPT {r['tpt_s_per_img']:.2f}, M2IB {m2ib:.2f} s/img"
+            cost = f"{r['seconds']:8.1f} {r['peak_rss_gib']:8.2f} {gpu:>8}"
+            lines.append(f"{'layout':7} {r['dataset']:10} {r['backbone']:24} {what:40} {cost}")
         else:
             lines.append(
                 f"{'methods':7} {r['dataset']:10} {r['backbone']:24} {r['notebook']:26} {r['runs']:5d} {r['train']:7d} "

@@ -155,7 +155,8 @@ class TPT(Method):
         self.scale = float(self.model.logit_scale.exp())
         self.context_at_start: list[torch.Tensor] = []  # the context each image started from (tests)
 
-    def _image_logits(self, path, image_id: int) -> torch.Tensor:
+    def image_logits(self, path, image_id: int) -> torch.Tensor:
+        """Class scores ``[1, C]`` of one image after its test-time step (the rehearsal times this)."""
         from PIL import Image
 
         o = self.options
@@ -191,6 +192,6 @@ class TPT(Method):
 
         paths = self.context.paths_of(split.ids)
         out = [
-            self._image_logits(p, i) for p, i in zip(progress(paths, desc="TPT", unit="img", mininterval=5), split.ids)
+            self.image_logits(p, i) for p, i in zip(progress(paths, desc="TPT", unit="img", mininterval=5), split.ids)
         ]
         return torch.cat(out).cpu().numpy()
