@@ -115,3 +115,21 @@ def test_plan_reads_the_newest_report_of_its_device(tmp_path):
     assert {r.source for r in plan.rows if r != row} == {"assumed"}  # nothing measured for them
     text = plan.render()
     assert "measured on H200 by new.json" in text and "7 row(s) costed at assumed" in text
+
+
+def test_cfr_schedule_timing_adds_up():
+    from calib.experiments.rehearse import rehearse_cfr
+
+    one = rehearse_cfr("waterbirds", "RN50-quickgelu", 0.004, [0], "cpu", peak_gflops=100.0)
+    two = rehearse_cfr("waterbirds", "RN50-quickgelu", 0.004, [0, 1], "cpu", peak_gflops=100.0)
+    assert one["stage"] == "cfr_schedule" and (one["lanes"], two["lanes"]) == (1, 2)
+    # every matrix product of an epoch is per lane: two lanes, exactly twice the work
+    assert two["cfr_epoch_gflop"] == pytest.approx(2 * one["cfr_epoch_gflop"], rel=1e-9)
+    assert one["cfr_epoch_gflop"] > 0 and one["cfr_gflops"] == pytest.approx(
+        one["cfr_epoch_gflop"] / one["cfr_epoch_seconds"]
+    )
+    assert one["cfr_fraction_of_gemm_peak"] == pytest.approx(one["cfr_gflops"] / 100.0)
+    full = (one["base_seconds"] + 99 * (one["cfr_epoch_seconds"] + one["reference_epoch_seconds"])) / 0.004 / 60
+    assert one["full_size_100_epochs_minutes"] == pytest.approx(full)
+    with pytest.raises(ValueError, match="cfr_schedule"):
+        rehearse(["waterbirds"], ["RN50-quickgelu"], 0.01, [0], 1, "cpu", cfr_schedule=("imagenet", "RN50", 1.0))

@@ -522,11 +522,22 @@ def _cmd_rehearse(args: argparse.Namespace) -> int:
         out=Path(args.out) if args.out else None,
         layout_images=args.layout_images,
         per_image=args.per_image,
+        cfr_schedule=_cfr_schedule(args, device),
     )
     print(render_report(report))
     if args.out:
         print(f"report: {args.out}")
     return 0
+
+
+def _cfr_schedule(args: argparse.Namespace, device: str) -> tuple[str, str, float] | None:
+    """``--cfr-schedule DATASET:BACKBONE`` at ``--cfr-fraction`` (default: the full size on a GPU, the rehearsal's
+    ``--fraction`` elsewhere); None for ``--cfr-schedule none``."""
+    if args.cfr_schedule == "none":
+        return None
+    dataset, _, backbone = args.cfr_schedule.partition(":")
+    fraction = args.cfr_fraction or (1.0 if device.startswith("cuda") else args.fraction)
+    return dataset, backbone, fraction
 
 
 def _cuda_available() -> bool:
@@ -775,6 +786,19 @@ def build_parser() -> argparse.ArgumentParser:
         action=_Checked,
         check=_at_least(0),
         help="most synthetic JPEGs written per dataset in its release layout (0: no dataset image stage)",
+    )
+    rh.add_argument(
+        "--cfr-schedule",
+        default="celeba:ViT-L-14-336-quickgelu",
+        help="DATASET:BACKBONE whose CFR is timed at the released schedule, seeds as lanes ('none': not timed)",
+    )
+    rh.add_argument(
+        "--cfr-fraction",
+        type=float,
+        default=None,
+        action=_Checked,
+        check=_fraction,
+        help="size of that CFR timing (default: 1, the full dataset, on a GPU; --fraction elsewhere)",
     )
     rh.add_argument(
         "--per-image",

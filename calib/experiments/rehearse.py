@@ -223,6 +223,77 @@ def rehearse_images(backbone: str, device: str, n_files: int, seconds: float) ->
     return {"stage": "images", "backbone": backbone, **as_dict(t), **m}
 
 
+COUNT_FRACTION = 0.01  # the share of a dataset CFR's FLOPs are counted on (then scaled to the timed size)
+
+
+def rehearse_cfr(
+    dataset: str, backbone: str, fraction: float, seeds: list[int], device: str, peak_gflops: float
+) -> dict[str, Any]:
+    """CFR at the released schedule's per-epoch cost, its seeds as lanes of one pass, extrapolated to 100 epochs (and
+    100 reference epochs) at the dataset's full size, with its matrix-product rate against ``peak_gflops``.
+
+    Three timed runs (CFR epochs, reference epochs) = (1, 1), (2, 1), (1, 2) give one CFR epoch and one reference
+    epoch by difference (fixed costs cancel); the same three under ``torch.utils.flop_counter`` give their
+    matrix-product FLOPs (counted in separate runs: the counter slows what it counts).  Full size: ``1 / fraction``
+    times the steps (an epoch's steps grow linearly with the training set)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from calib.methods import run_methods
+    from calib.methods.cfr import clear_reference_cache
+
+    feats = rehearsal_features(dataset, backbone, fraction)
+    # FLOPs are counted on a small copy and scaled by the training-set size (an epoch's work is linear in it)
+    count_fraction = min(fraction, COUNT_FRACTION)
+    small = feats if count_fraction == fraction else rehearsal_features(dataset, backbone, count_fraction)
+    runs = {"base": (1, 1), "cfr": (2, 1), "reference": (1, 2)}
+
+    def once(data: FeatureSet, epochs: int, ref: int, count: bool) -> float:
+        clear_reference_cache()
+        opts = {"epochs": epochs, "reference_epochs": ref, "device": device}
+        if count:
+            with FlopCounterMode(display=False) as counter:
+                run_methods("cfr", data, list(seeds), [opts] * len(seeds))
+            return float(counter.get_total_flops())
+        with measured(device) as m:
+            run_methods("cfr", data, list(seeds), [opts] * len(seeds))
+        return m["seconds"]
+
+    once(feats, 1, 1, False)  # warm-up: allocator, kernels, caches
+    secs = {k: once(feats, *v, False) for k, v in runs.items()}
+    flops = {k: once(small, *v, True) for k, v in runs.items()}
+    cfr_epoch = max(secs["cfr"] - secs["base"], 1e-9)
+    ref_epoch = max(secs["reference"] - secs["base"], 1e-9)
+    cfr_gflop = (flops["cfr"] - flops["base"]) / 1e9 * len(feats.splits["train"]) / len(small.splits["train"])
+    full = secs["base"] / fraction + 99 * (cfr_epoch + ref_epoch) / fraction
+    rec = {
+        "stage": "cfr_schedule",
+        "dataset": dataset,
+        "backbone": backbone,
+        "lanes": len(seeds),
+        "train": len(feats.splits["train"]),
+        "fraction": fraction,
+        "base_seconds": secs["base"],
+        "cfr_epoch_seconds": cfr_epoch,
+        "reference_epoch_seconds": ref_epoch,
+        "cfr_epoch_gflop": cfr_gflop,
+        "cfr_gflops": cfr_gflop / cfr_epoch,
+        "cfr_fraction_of_gemm_peak": cfr_gflop / cfr_epoch / peak_gflops,
+        "full_size_100_epochs_minutes": full / 60,
+    }
+    log.info(
+        "CFR %s / %s, %d lanes: %.2f s an epoch (%.0f GFLOP/s, %.0f %% of the GEMM peak); 100 epochs at full size "
+        "about %.1f min",
+        dataset,
+        backbone,
+        len(seeds),
+        cfr_epoch,
+        rec["cfr_gflops"],
+        100 * rec["cfr_fraction_of_gemm_peak"],
+        rec["full_size_100_epochs_minutes"],
+    )
+    return rec
+
+
 def layout_sizes(dataset: str, fraction: float, max_images: int) -> dict[str, tuple[int, ...]]:
     """Per split and group, the images the image stage writes: ``fraction`` of the dataset (at least 2 a group),
     scaled down further so the total stays within ``max_images``."""
@@ -366,10 +437,13 @@ def rehearse(
     out: Path | None = None,
     layout_images: int = 4096,
     per_image: int = 4,
+    cfr_schedule: tuple[str, str, float] | None = None,
 ) -> dict[str, Any]:
     """The whole rehearsal; the report (and ``out``, when given, as JSON).  ``images`` (0: none) and
     ``image_seconds`` size the model-bound timing per backbone; ``layout_images`` (0: no dataset image stage) caps
-    the synthetic JPEGs written per dataset; ``per_image`` test images time TPT and the attribution maps."""
+    the synthetic JPEGs written per dataset; ``per_image`` test images time TPT and the attribution maps;
+    ``cfr_schedule`` = (dataset, backbone, fraction) times CFR's released schedule with the seeds as lanes
+    (:func:`rehearse_cfr`; None: not timed)."""
     import tempfile
 
     from calib.experiments.bench import gemm_peak
@@ -382,6 +456,11 @@ def rehearse(
             raise ValueError(f"unknown paper backbone {name!r}; known: {sorted(BACKBONE_DIMS)}")
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if cfr_schedule is not None and (cfr_schedule[0] not in DATASET_GROUPS or cfr_schedule[1] not in BACKBONE_DIMS):
+        raise ValueError(
+            f"cfr_schedule {cfr_schedule[:2]}: expected a paper dataset ({sorted(DATASET_GROUPS)}) and backbone "
+            f"({sorted(BACKBONE_DIMS)})"
+        )
     report: dict[str, Any] = {
         "stamp": stamp(device),
         "fraction": fraction,
@@ -391,6 +470,9 @@ def rehearse(
         "gemm_peak_gflops": gemm_peak(device=device),
         "records": [],
     }
+    if cfr_schedule is not None:
+        ds, bb, frac = cfr_schedule
+        report["records"].append(rehearse_cfr(ds, bb, frac, list(seeds), device, report["gemm_peak_gflops"]))
     with tempfile.TemporaryDirectory(prefix="calib-rehearse-") as tmp:
         for backbone in backbones:
             if images:
@@ -424,6 +506,13 @@ def render_report(report: dict[str, Any]) -> str:
             what = f"{r['model_bound_img_s']:.1f} / {r['pipeline_bound_img_s']:.1f} img/s (model / pipeline)"
             cost = f"{r['seconds']:8.1f} {r['peak_rss_gib']:8.2f} {gpu:>8}"
             lines.append(f"{'images':7} {'':10} {r['backbone']:24} {what:40} {cost}")
+        elif r["stage"] == "cfr_schedule":
+            what = (
+                f"CFR {r['lanes']} lanes: {r['cfr_epoch_seconds']:.2f} s/epoch, "
+                f"{100 * r['cfr_fraction_of_gemm_peak']:.0f}% of peak; "
+                f"full size x 100 epochs {r['full_size_100_epochs_minutes']:.1f} min"
+            )
+            lines.append(f"{'cfr':7} {r['dataset']:10} {r['backbone']:24} {what}")
         elif r["stage"] == "dataset_images":
             m2ib = r["attribution_s_per_img"].get("m2ib", float("nan"))
             what = f"{r['pipeline_img_s']:.1f} img/s; TPT {r['tpt_s_per_img']:.2f}, M2IB {m2ib:.2f} s/img"
