@@ -251,3 +251,20 @@ def test_pre_projection_negatives_are_nearest_in_h(synth):
         others = np.flatnonzero(tr.y != tr.y[anchor])
         expected = set(others[np.argsort(-(hn[others] @ hn[anchor]))[:16]].tolist())
         assert set(inst.hard_negatives[row].tolist()) == expected
+
+
+def test_reference_memo_tells_feature_sets_apart():
+    """Two feature sets whose meta agree (the same synthetic 'weights' and version) but whose backbones differ get
+    their own reference heads: the memo keys on the dataset, the model and the shapes too (a rehearsal with two
+    backbones in one process once loaded a 1024 x 768 reference into a 2048 x 1024 head)."""
+    from calib.methods.cfr import reference_heads
+
+    a = synthetic_features(d_h=16, d=8, scale=0.01, seed=0)
+    b = synthetic_features(d_h=24, d=12, scale=0.01, seed=0)
+    b.meta = dict(a.meta)  # as the rehearsal's synthetic sets had: one meta for every backbone
+    opts = CFROptions(epochs=1, reference_epochs=1, device="cpu").projection_options(1, 0.0)
+    ((head_a, _),) = reference_heads(a, [opts], [0])
+    ((head_b, _),) = reference_heads(b, [opts], [0])
+    assert head_a.W.shape == (1, 16, 8) and head_b.W.shape == (1, 24, 12)
+    ((again, _),) = reference_heads(a, [opts], [0])  # still memoised for the first
+    torch.testing.assert_close(again.W, head_a.W, rtol=0, atol=0)

@@ -115,7 +115,8 @@ def rehearsal_features(dataset: str, backbone: str, fraction: float, seed: int =
     texts = prompt_texts(spec)
     vectors = np.random.default_rng([seed, 17]).normal(size=(len(texts), d)).astype(np.float32)
     feats.prompts = PromptBank(spec, texts, vectors)
-    feats.meta.update(dataset=dataset, model=backbone)
+    # its own identity (CFR memoises reference heads by the features' weights and version)
+    feats.meta.update(dataset=dataset, model=backbone, weights=f"synthetic-{seed}-{backbone}")
     return feats
 
 

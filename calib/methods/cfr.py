@@ -145,9 +145,15 @@ _REFERENCES: dict[tuple, tuple[dict, list[dict]]] = {}
 
 
 def _reference_key(data: FeatureSet, opts: ClipERMOptions, seed: int) -> tuple:
+    # the features' identity: weights and dataset version, and (for feature sets whose meta is thin, e.g. the
+    # rehearsal's synthetic ones) the dataset and model names and the shapes the head is built from
     return (
         data.meta.get("weights"),
         data.meta.get("dataset_version"),
+        data.meta.get("dataset"),
+        data.meta.get("model"),
+        tuple(data.W0.shape),
+        len(data.splits["train"]),
         id(data) if not data.meta else None,
         tuple(sorted(asdict(opts).items())),
         seed,
