@@ -76,6 +76,8 @@ def test_run_all_paper_dry_run(tmp_path):
         (["--dry-run"], "applies to --profile paper"),
         (["--backbones", "RN50:openai"], "applies to --profile paper"),
         (["--profile", "nope"], "unknown profile"),
+        (["--nproc", "2"], "--nproc applies to --profile paper"),
+        (["--profile", "paper", "--data-dir", str(tmp_path), "--nproc", "0"], "--nproc takes a positive integer"),
     ):
         r = subprocess.run(
             ["bash", str(REPO / "run_all.sh"), *args], capture_output=True, text=True, env=env, timeout=300
