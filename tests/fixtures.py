@@ -11,8 +11,7 @@ from PIL import Image
 
 from calib.data.layouts import (
     CELEBA_ATTRS,
-    CHEXPERT_HEADER,
-    CHEXPERT_RACES,
+    WATERBIRDS_HEADER,
     celeba_attr_values,
     grey_image,
     write_celeba,
@@ -21,8 +20,7 @@ from calib.data.layouts import (
     write_waterbirds,
 )
 
-HEADER = "img_id,img_filename,y,split,place,place_filename"
-CHEX_HEADER, RACES = CHEXPERT_HEADER, CHEXPERT_RACES
+HEADER = WATERBIRDS_HEADER
 
 
 def write_waterbirds_fixture(root, rows, make_images=True):

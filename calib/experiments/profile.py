@@ -1,6 +1,6 @@
 """The paper profile's driver: every (dataset, backbone) cell, on one process or spread over a node's GPUs.
 
-``./run_all.sh --profile paper`` calls ``python -m calib profile``; with ``--gpus N`` it launches it under
+``./run_all.sh --profile paper`` calls ``python -m calib profile``; with ``--nproc N`` it launches it under
 ``torchrun --nproc_per_node N``.  Each cell (one dataset under one backbone) is independent: its features are
 extracted and notebooks 00-02 and 04-07 run on it.  Under torchrun the cells are shared out by their estimated cost
 (longest first, each to the least-loaded rank, :func:`assign_cells`), each rank's children see only its own GPU
@@ -56,7 +56,9 @@ class Settings:
 
     @property
     def seeds(self) -> list[int]:
-        return [0] if self.quick else [0, 1, 2, 3, 4]
+        from calib.experiments.plan import PAPER_SEEDS
+
+        return [0] if self.quick else list(PAPER_SEEDS)
 
 
 def notebook_parameters(name: str, cell: Cell, s: Settings) -> dict:
@@ -231,7 +233,7 @@ def run_profile(cells: list[Cell], s: Settings, data_dir: Path, executed: Path |
     except BaseException as err:  # meet the others at the barrier before failing, so no rank waits forever
         failed = err
     if world > 1:
-        ok = torch_all_ok(failed is None)
+        ok = _all_ranks_ok(failed is None)
         if failed is None and not ok:
             failed = RuntimeError("another rank failed: see its log; no tables were written")
     if failed is None and rank == 0 and s.tables:
@@ -244,7 +246,7 @@ def run_profile(cells: list[Cell], s: Settings, data_dir: Path, executed: Path |
     return report
 
 
-def torch_all_ok(ok: bool) -> bool:
+def _all_ranks_ok(ok: bool) -> bool:
     """Barrier that also tells every rank whether all ranks succeeded."""
     import torch
     import torch.distributed as dist

@@ -124,6 +124,7 @@ class ContrastiveAdapter(ProjectionMethod):
     uses = ("z", "text", "train")
     shared_options = ProjectionMethod.shared_options + ("hidden_ratio", "hard_fraction", "positives", "negatives")
     input_field = "z"
+    optimizer = "adam"
 
     @classmethod
     def lane_params(cls, data: FeatureSet, options: AdapterOptions) -> int:
@@ -172,7 +173,7 @@ class ContrastiveAdapter(ProjectionMethod):
         # anchors are few: scale epochs so the adapter sees each anchor `epochs` times
         scaled.epochs = max(1, int(np.ceil(o.epochs * k / len(zn))))
         head = Adapter(data.text, data.logit_scale, o.hidden_ratio, list(seeds))
-        fit_methods(methods, head, data, scaled, seeds, loss, lambda split: split.z, optimizer="adam")
+        fit_methods(methods, head, data, scaled, seeds, loss, lambda split: split.z, optimizer=cls.optimizer)
         groups = np.bincount(tr.g[hard.cpu().numpy()], minlength=data.n_groups).tolist()
         for m in methods:
             m.anchor_groups = groups

@@ -29,9 +29,6 @@ from calib.methods.precision import check_precision, forward_autocast, training_
 
 log = logging.getLogger(__name__)
 
-# projection-training methods that optimise with Adam (two state tensors per parameter; the rest: SGD momentum)
-ADAM_METHODS = ("contrastive_adapter", "groupdro")
-
 # rule -> group labels it reads
 SELECTION_RULES = {"val_wga": "val_groups", "val_worst_class": "none", "last": "none"}
 
@@ -344,6 +341,7 @@ class ProjectionMethod(Method):
 
     uses = ("h", "text", "train")
     input_field: ClassVar[str] = "h"  # what the head consumes: "h" (pre-projection features) or "z" (embeddings)
+    optimizer: ClassVar[str] = "sgd"  # fit_head's optimiser: "sgd" (momentum: one state tensor) or "adam" (two)
     # options that must agree for runs to train as lanes of one pass (the others may differ lane by lane)
     shared_options: ClassVar[tuple[str, ...]] = (
         "epochs",
@@ -406,8 +404,7 @@ class ProjectionMethod(Method):
         d, C = data.text.shape[1], data.n_classes
         n_val = len(val) if val is not None else 0
         shared = 4 * (len(tr) + n_val) * d_in
-        adam = cls.name in ADAM_METHODS
-        copies = 2 + (2 if adam else 1) + len(SELECTION_RULES)
+        copies = 2 + (2 if cls.optimizer == "adam" else 1) + len(SELECTION_RULES)
         rows = options.batch_size * cls.step_rows(options)
         step = 4 * rows * (d_in + 6 * d)
         scoring = 4 * min(max(len(tr), n_val), EVAL_CHUNK) * (3 * d + C)

@@ -311,6 +311,7 @@ class GroupDRO(ProjectionMethod):
     uses = ("z", "train")
     summary = "GroupDRO on the head (oracle: uses training group labels)"
     input_field = "z"
+    optimizer = "adam"
 
     @classmethod
     def lane_params(cls, data: FeatureSet, options: GroupDROOptions) -> int:
@@ -342,6 +343,6 @@ class GroupDRO(ProjectionMethod):
             return (q * group_loss).sum(1)
 
         head = LinearHead(data.n_classes, z.shape[1], S)
-        fit_methods(methods, head, data, o, seeds, loss, lambda split: split.z, optimizer="adam")
+        fit_methods(methods, head, data, o, seeds, loss, lambda split: split.z, optimizer=cls.optimizer)
         for m, weights in zip(methods, q.cpu().numpy().tolist()):
             m.group_weights = weights
